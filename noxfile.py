@@ -1,0 +1,85 @@
+"""One session per target. `nox` runs the CI set: lint, tests (CPU), parity.
+
+    nox -s demo        the main job: a tiny Pi0.5 end to end on this machine
+    nox -s tests       CPU tests of every package, the kernel build + import, the plugin example
+    nox -s parity      Python 3.12 + lerobot: our references against an independent implementation
+    nox -s kernels     build the flashrt-kernels wheel into dist/
+    nox -s gpu         on a CUDA machine: build kernels, -m gpu tests, benchmarks (scripts/gpu_check.sh)
+    nox -s lint        ruff
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.sessions = ["lint", "tests", "parity"]
+nox.options.reuse_existing_virtualenvs = True
+nox.options.default_venv_backend = "venv"
+
+TORCH_CPU = "torch==2.13.0"  # the CPU build that the machines carry on disk
+PY_DEFAULT = "3.11"
+PY_PARITY = "3.12"  # lerobot 0.6.1 needs >= 3.12
+
+MODEL_PACKAGES = [
+    "packages/flashrt-pi05",
+    "packages/flashrt-pi0",
+    "packages/flashrt-pi0fast",
+    "packages/flashrt-groot",
+    "packages/flashrt-video",
+]
+CPU_MARKERS = "not gpu and not parity"
+
+
+def _install_flashrt(session: nox.Session, torch_spec: str = TORCH_CPU) -> None:
+    session.install(torch_spec)
+    session.install("-e", "packages/flashrt-core[serve,tokenizer]")
+    for package in MODEL_PACKAGES:
+        session.install("-e", package)
+
+
+@nox.session(python=PY_DEFAULT)
+def tests(session: nox.Session) -> None:
+    _install_flashrt(session)
+    session.install("pytest>=8", "pytest-timeout")
+    session.install("-e", "examples/plugin-toy")
+    session.run(
+        "pytest", "-m", CPU_MARKERS, "--timeout=900", "-q",
+        "packages", "examples/plugin-toy/tests", *session.posargs,
+    )
+
+
+@nox.session(python=PY_DEFAULT)
+def demo(session: nox.Session) -> None:
+    _install_flashrt(session)
+    session.run("flashrt", "demo", *session.posargs)
+
+
+@nox.session(python=PY_PARITY)
+def parity(session: nox.Session) -> None:
+    session.install("lerobot[pi]==0.6.1", TORCH_CPU, "transformers")
+    session.install("-e", "packages/flashrt-core[tokenizer]")
+    for package in MODEL_PACKAGES:
+        session.install("-e", package)
+    session.install("pytest>=8", "pytest-timeout")
+    session.run("pytest", "-m", "parity", "--timeout=1800", "-q", "packages", *session.posargs,
+                success_codes=[0, 5])
+
+
+@nox.session(python=PY_DEFAULT)
+def kernels(session: nox.Session) -> None:
+    session.install("build")
+    session.run("python", "-m", "build", "--wheel", "--outdir", "dist", "packages/flashrt-kernels",
+                env={"CUDAARCHS": os.environ.get("CUDAARCHS", "")} if os.environ.get("CUDAARCHS") else None)
+
+
+@nox.session(python=False)
+def gpu(session: nox.Session) -> None:
+    session.run("bash", "scripts/gpu_check.sh", *session.posargs, external=True)
+
+
+@nox.session(python=PY_DEFAULT)
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", "packages", "examples", "noxfile.py")

@@ -1,0 +1,1 @@
+"""Pi0 (openpi / lerobot) for FlashRT."""

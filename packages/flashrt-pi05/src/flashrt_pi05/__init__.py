@@ -1,0 +1,1 @@
+"""Pi0.5 (openpi / lerobot) for FlashRT."""

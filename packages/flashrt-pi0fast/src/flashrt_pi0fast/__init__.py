@@ -1,0 +1,1 @@
+"""Pi0-FAST for FlashRT."""
