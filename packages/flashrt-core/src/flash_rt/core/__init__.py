@@ -1,0 +1,1 @@
+"""Runtime utilities shared by pipelines and frontends: CudaBuffer, CUDAGraph, calibration cache."""

@@ -1,0 +1,1 @@
+"""FP8 quantisation helpers and the calibration cache."""

@@ -1,0 +1,1 @@
+"""Runtime scheduling utilities (RTC-lite)."""

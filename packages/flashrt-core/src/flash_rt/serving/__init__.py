@@ -1,0 +1,1 @@
+"""Policy servers (openpi websocket protocol)."""
