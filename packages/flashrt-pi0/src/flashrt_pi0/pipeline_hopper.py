@@ -1,0 +1,70 @@
+"""Pi0 fast path for Hopper: the shared PaliGemma pipeline (flashrt_pi05.pipeline_hopper) plus
+Pi0's suffix.
+
+Pi0's suffix is [state token, 50 action tokens] with ar = [1, 1, 0 ...]: the state token sees
+the prefix and itself only, so its K/V do not depend on x_t or t. It is run once per call, right
+after the prefix, and its K/V are appended to the cache; the denoise steps then run 50 tokens that
+attend, unmasked, to [prefix; state; actions]. Action tokens are
+action_time_mlp_out(swish(action_time_mlp_in([action_in_proj(x_t), time_emb]))): action_in_proj
+is folded into the first half of action_time_mlp_in, and the time half (fixed per step) plus
+both biases becomes one precomputed bias per step. Expert norms are plain Gemma RMSNorms whose
+(1 + w) are folded into the next GEMM; the final one and the Euler dt into action_out_proj.
+Pi0 has no state in the prompt, so one prompt length (one graph) serves a whole episode.
+"""
+
+from __future__ import annotations
+
+import torch
+from flashrt_pi05.pipeline_hopper import EXPERT, PaliGemmaHopperPipeline, euler_times, time_embedding
+
+
+class Pi0HopperPipeline(PaliGemmaHopperPipeline):
+    suffix_extra_tokens = 1  # the state token, cached next to the prefix
+
+    def _expert_norm_weight(self, sd, key):
+        return 1.0 + sd.take(key + ".weight").float()
+
+    def _prepare_suffix(self, sd):
+        e, f32 = self.config.expert, torch.float32
+        self.state_proj = self._lin("state_proj", sd.take("state_proj.weight"), sd.take("state_proj.bias"), dtype=f32)
+        w_in, b_in = sd.take("action_time_mlp_in.weight").float(), sd.take("action_time_mlp_in.bias").float()
+        a_w, a_b = sd.take("action_in_proj.weight").float(), sd.take("action_in_proj.bias").float()
+        w_action, w_time = w_in[:, : e.width], w_in[:, e.width :]
+        self.action_fused = self._lin("action_fused", w_action @ a_w, None, dtype=f32)
+        temb = torch.stack([time_embedding(t, e.width) for t in euler_times(self.num_steps)]).to(self.device)
+        self.step_bias = (temb @ w_time.T + (w_action @ a_b + b_in)).contiguous()  # (steps, W)
+        self.action_time_out = self._lin(
+            "action_time_out", sd.take("action_time_mlp_out.weight"), sd.take("action_time_mlp_out.bias")
+        )
+        final = 1.0 + sd.take(EXPERT + "norm.weight").float()
+        w, b = sd.take("action_out_proj.weight").float(), sd.take("action_out_proj.bias").float()
+        self.action_out = self._lin("action_out", w * final[None, :] * self.dt, b * self.dt, dtype=f32)
+        self.state = torch.zeros((self.config.max_state_dim,), device=self.device, dtype=f32)
+        self.state_x = torch.empty((1, e.width), device=self.device, dtype=f32)
+
+    def _suffix_linears(self):
+        return (self.action_time_out,)
+
+    def load_state(self, state):
+        state = torch.as_tensor(state, dtype=torch.float32).reshape(-1)
+        if state.shape[0] > self.state.shape[0]:
+            raise ValueError(f"state has {state.shape[0]} values; the model takes at most {self.state.shape[0]}")
+        self.state.zero_()
+        self.state[: state.shape[0]].copy_(state, non_blocking=True)
+
+    def run_after_prefix(self, bucket):
+        self.state_x.copy_(self.ops.linear(self.state[None, :], self.state_proj))
+        self.expert_layers(self.state_x, self.prefix_len(bucket), 0, stop_after_kv=True)
+
+    def expert_norm(self, x, step, layer, which):
+        return self.ops.rms_norm(x)
+
+    def expert_residual(self, x, y, step, layer, which):
+        self.ops.add_residual(x, y)
+
+    def denoise_delta(self, bucket, step):
+        ops, x = self.ops, self.suffix_x
+        h = ops.silu(ops.linear(self.x_t, self.action_fused) + self.step_bias[step])
+        x.copy_(ops.linear(h.to(self.act_dtype), self.action_time_out))
+        self.expert_layers(x, self.prefix_len(bucket) + 1, step)
+        return ops.linear(ops.rms_norm(x).float(), self.action_out)
