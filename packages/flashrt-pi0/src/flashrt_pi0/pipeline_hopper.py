@@ -15,6 +15,7 @@ Pi0 has no state in the prompt, so one prompt length (one graph) serves a whole 
 from __future__ import annotations
 
 import torch
+from flash_rt.errors import InputError
 from flashrt_pi05.pipeline_hopper import EXPERT, PaliGemmaHopperPipeline, euler_times, time_embedding
 
 
@@ -48,7 +49,7 @@ class Pi0HopperPipeline(PaliGemmaHopperPipeline):
     def load_state(self, state):
         state = torch.as_tensor(state, dtype=torch.float32).reshape(-1)
         if state.shape[0] > self.state.shape[0]:
-            raise ValueError(f"state has {state.shape[0]} values; the model takes at most {self.state.shape[0]}")
+            raise InputError(f"state has {state.shape[0]} values; the model takes at most {self.state.shape[0]}")
         self.state.zero_()
         self.state[: state.shape[0]].copy_(state, non_blocking=True)
 

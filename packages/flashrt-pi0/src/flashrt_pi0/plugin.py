@@ -1,9 +1,13 @@
-"""Registers this package's frontends with flash_rt. No frontend is registered yet:
-config(s) pi0 have no compute path in this release."""
+"""Registers this package's frontends with flash_rt."""
 
 from flash_rt.plugins import hookimpl
+
+HOPPER = "flashrt_pi0.frontend_torch_hopper:Pi0TorchFrontendHopper"
 
 
 @hookimpl
 def flashrt_register_frontends(register):
-    return None
+    # plain torch (see flashrt_pi05.plugin): unchanged on other FP8-capable GPUs, unmeasured there
+    register("pi0", "torch", "hopper", HOPPER, measured=False)
+    for arch in ("rtx_sm120", "rtx_sm89", "thor"):
+        register("pi0", "torch", arch, HOPPER, measured=False)
