@@ -411,6 +411,10 @@ class PaliGemmaHopperPipeline:
         self.current = bucket
         return bucket
 
+    def bucket_ids_match(self, bucket: Bucket, ids) -> bool:
+        """Whether ``bucket`` holds exactly ``ids`` (syncs; for tests and debugging)."""
+        return bucket.ids.cpu().tolist() == [int(i) for i in ids]
+
     def load_inputs(self, images, noise, state=None):
         """Copy one observation into the static input buffers (async from pinned memory)."""
         with self._on_stream():

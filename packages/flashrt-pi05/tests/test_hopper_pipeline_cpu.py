@@ -1,0 +1,193 @@
+"""The Hopper pipeline's logic against the reference, on the CPU in fp32 (tiny random configs).
+
+The same pipeline code runs on the GPU in bf16/FP8 under CUDA graphs (test_hopper_gpu.py); here it
+runs eagerly in fp32 so that every fold (norm weights into GEMMs, dt into action_out_proj, Pi0's
+action_in_proj into action_time_mlp_in), the exact-length prompt buckets (no padding) and the
+cached suffix tricks (Pi0's state token, the skipped last prefix layer) are checked stage by stage.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flash_rt.errors import CalibrationError, ConfigError, InputError
+
+_spec = importlib.util.spec_from_file_location("hopper_testing", Path(__file__).with_name("hopper_testing.py"))
+ht = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ht)
+
+from flashrt_pi05.pipeline_hopper import calibrate_amax, euler_times  # noqa: E402
+from flashrt_pi05.random_weights import random_state_dict, state_dict_shapes  # noqa: E402
+
+MODELS = ["pi05", "pi0"]
+COS_FP32 = 0.9999
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def model(request):
+    config = ht.tiny_config(request.param)
+    state_dict = random_state_dict(config, seed=7)
+    return config, state_dict, ht.make_reference(config, state_dict)
+
+
+def test_random_weights_cover_the_reference_exactly(model):
+    config, state_dict, ref = model
+    ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    assert ref_shapes == state_dict_shapes(config)
+    assert all(float(t.abs().max()) > 0 for t in state_dict.values())
+
+
+@pytest.mark.parametrize("num_views", [1, 2, 3])
+def test_stages_and_actions_match_reference_fp32(model, num_views):
+    config, state_dict, ref = model
+    prompt_len = 9
+    inputs = ht.random_inputs(config, num_views, prompt_len, seed=num_views)
+    want = ht.run_reference(ref, config, inputs)
+    pipe = ht.pipeline_class(config.model_type)(state_dict, config, num_views=num_views, use_fp8=False)
+    bucket = ht.load_pipeline_inputs(pipe, config, inputs)
+    assert bucket.length == prompt_len
+
+    pipe.prefix_x.fill_(float("nan"))
+    pipe.run_vision()
+    got = pipe.prefix_x[: pipe.num_image_tokens]
+    assert torch.isfinite(got).all()
+    assert ht.cosine(got, want["image_tokens"]) >= COS_FP32
+    assert ht.rel_err(got, want["image_tokens"]) < 1e-4
+
+    pipe.k_cache.fill_(float("nan"))
+    pipe.v_cache.fill_(float("nan"))
+    pipe.run_prefix(bucket)
+    pipe.run_after_prefix(bucket)
+    for layer in range(config.paligemma.depth):
+        k_ref, v_ref = ht.prefix_kv_of_reference(want["kv"], layer, pipe.num_image_tokens, prompt_len)
+        n = k_ref.shape[0]
+        assert ht.rel_err(pipe.k_cache[layer, :n], k_ref) < 1e-4, f"prefix K of layer {layer}"
+        assert ht.rel_err(pipe.v_cache[layer, :n], v_ref) < 1e-4, f"prefix V of layer {layer}"
+
+    v1 = pipe.velocity(bucket, inputs["noise"], 0)
+    assert ht.cosine(v1, want["v1"]) >= COS_FP32
+    assert ht.rel_err(v1, want["v1"]) < 1e-4
+
+    pipe.actions_host.fill_(float("nan"))
+    actions = pipe.infer()
+    assert np.isfinite(actions).all()
+    assert ht.cosine(torch.from_numpy(actions), want["actions"]) >= COS_FP32
+    assert ht.rel_err(torch.from_numpy(actions), want["actions"]) < 1e-4
+
+
+@pytest.mark.parametrize("pool,layers", [(2, None), (4, 1), (1, 2)])
+def test_speed_knobs_match_reference_with_same_knobs(model, pool, layers):
+    config, state_dict, _ = model
+    ref = ht.make_reference(config, state_dict, vision_pool_factor=pool, vision_num_layers=layers)
+    inputs = ht.random_inputs(config, 2, 6, seed=11)
+    want = ht.run_reference(ref, config, inputs)
+    pipe = ht.pipeline_class(config.model_type)(
+        state_dict, config, num_views=2, use_fp8=False, vision_pool_factor=pool, vision_num_layers=layers
+    )
+    assert pipe.num_image_tokens == 2 * (4 // pool) ** 2
+    ht.load_pipeline_inputs(pipe, config, inputs)
+    assert ht.cosine(torch.from_numpy(pipe.infer()), want["actions"]) >= COS_FP32
+
+
+def test_num_steps_override_matches_reference(model):
+    config, state_dict, ref = model
+    inputs = ht.random_inputs(config, 1, 5, seed=3)
+    want = ht.run_reference(ref, config, inputs, num_steps=4)
+    pipe = ht.pipeline_class(config.model_type)(state_dict, config, num_views=1, use_fp8=False, num_steps=4)
+    ht.load_pipeline_inputs(pipe, config, inputs)
+    assert ht.cosine(torch.from_numpy(pipe.infer()), want["actions"]) >= COS_FP32
+
+
+def test_fp8_path_calibrates_and_stays_close(model):
+    """FP8 W8A8 (torch._scaled_mm runs on the CPU too): first call calibrates from its inputs."""
+    config, state_dict, ref = model
+    inputs = ht.random_inputs(config, 2, 7, seed=5)
+    want = ht.run_reference(ref, config, inputs)
+    pipe = ht.pipeline_class(config.model_type)(state_dict, config, num_views=2, use_fp8=True)
+    assert pipe.fp8_linears() and not pipe.calibrated
+    ht.load_pipeline_inputs(pipe, config, inputs)
+    actions = pipe.infer()
+    assert pipe.calibrated
+    amax = pipe.act_amax()
+    assert all(np.isfinite(v) and v > 0 for v in amax.values())
+    # tiny widths make FP8 noisier than at true size (>= 0.999 is the GPU test's bar)
+    assert ht.cosine(torch.from_numpy(actions), want["actions"]) >= 0.99
+    # scales live in device tensors: recalibration changes them in place, the result stays close
+    pipe.clear_calibration()
+    assert not pipe.calibrated
+    again = pipe.infer()
+    assert ht.cosine(torch.from_numpy(again), torch.from_numpy(actions)) >= 0.9999
+
+
+def test_buckets_are_per_prompt_length_and_reused(model):
+    config, state_dict, _ = model
+    pipe = ht.pipeline_class(config.model_type)(state_dict, config, num_views=1, use_fp8=False)
+    first = pipe.set_prompt_tokens([2, 5, 6, 7, 8])
+    second = pipe.set_prompt_tokens([2, 9, 9])
+    again = pipe.set_prompt_tokens([2, 4, 4, 4, 4])
+    assert again is first and second is not first
+    assert sorted(pipe.buckets) == [3, 5]
+    assert pipe.current is first
+    assert pipe.bucket_ids_match(first, [2, 4, 4, 4, 4])
+    with pytest.raises(InputError, match="tokens"):
+        pipe.set_prompt_tokens(list(range(config.max_token_len + 1)))
+    with pytest.raises(InputError):
+        pipe.set_prompt_tokens([])
+
+
+def test_same_length_prompts_give_their_own_actions(model):
+    """A bucket is reused across prompts of one length: the ids are data, not baked into it."""
+    config, state_dict, ref = model
+    pipe = ht.pipeline_class(config.model_type)(state_dict, config, num_views=1, use_fp8=False)
+    for seed in (21, 22):
+        inputs = ht.random_inputs(config, 1, 6, seed=seed)
+        want = ht.run_reference(ref, config, inputs)
+        ht.load_pipeline_inputs(pipe, config, inputs)
+        assert ht.cosine(torch.from_numpy(pipe.infer()), want["actions"]) >= COS_FP32
+    assert list(pipe.buckets) == [6]
+
+
+def test_bad_options_and_weights_are_config_errors(model):
+    config, state_dict, _ = model
+    cls = ht.pipeline_class(config.model_type)
+    with pytest.raises(ConfigError, match="vision_pool_factor"):
+        cls(state_dict, config, vision_pool_factor=3, use_fp8=False)
+    with pytest.raises(ConfigError, match="vision_num_layers"):
+        cls(state_dict, config, vision_num_layers=config.vision.depth + 1, use_fp8=False)
+    with pytest.raises(ConfigError, match="num_views"):
+        cls(state_dict, config, num_views=4, use_fp8=False)
+    missing = dict(state_dict)
+    missing.pop("action_out_proj.weight")
+    with pytest.raises(ConfigError, match="action_out_proj.weight"):
+        cls(missing, config, use_fp8=False)
+    extra = dict(state_dict, **{"some.unknown.weight": torch.ones(3)})
+    with pytest.raises(ConfigError, match="does not use"):
+        cls(extra, config, use_fp8=False)
+    with pytest.raises(ConfigError, match="CUDA"):
+        cls(state_dict, config, use_graphs=True, device="cpu")
+
+
+def test_infer_without_prompt_is_an_input_error(model):
+    config, state_dict, _ = model
+    pipe = ht.pipeline_class(config.model_type)(state_dict, config, num_views=1, use_fp8=False)
+    with pytest.raises(InputError, match="prompt"):
+        pipe.infer()
+
+
+def test_calibrate_amax_max_and_percentile():
+    observed = [{"a": 1.0, "b": 4.0}, {"a": 3.0, "b": 2.0}, {"a": 2.0, "b": 8.0}]
+    assert calibrate_amax(observed) == {"a": 3.0, "b": 8.0}
+    assert calibrate_amax(observed, percentile=50) == {"a": 2.0, "b": 4.0}
+    with pytest.raises(CalibrationError):
+        calibrate_amax([])
+
+
+def test_euler_times_follow_openpi_fp32_loop():
+    times = euler_times(10)
+    assert len(times) == 10 and times[0] == 1.0
+    assert abs(times[-1] - 0.1) < 1e-6
+    assert len(euler_times(3)) == 3
