@@ -46,17 +46,19 @@ def make_reference(config, state_dict, device="cpu", **kwargs):
 
 
 def random_inputs(config, num_views: int, prompt_len: int, seed: int, device="cpu"):
-    """Images in [-1, 1], padded token ids + mask (prompt_len valid), noise, state: never zeros."""
+    """uint8 images (and the reference's [-1, 1] view of them), padded token ids + mask (prompt_len
+    valid), noise, state: random, never zeros."""
     g = torch.Generator().manual_seed(seed)
     size = config.vision.image_size
-    images = torch.rand((num_views, size, size, 3), generator=g) * 2 - 1
+    images_u8 = torch.randint(0, 256, (num_views, size, size, 3), generator=g, dtype=torch.uint8)
+    images = images_u8.float() / 255.0 * 2.0 - 1.0
     tokens = torch.zeros((config.max_token_len,), dtype=torch.int64)
     tokens[:prompt_len] = torch.randint(3, config.vocab_size, (prompt_len,), generator=g)
     mask = torch.zeros((config.max_token_len,), dtype=torch.bool)
     mask[:prompt_len] = True
     noise = torch.randn((config.action_horizon, config.action_dim), generator=g)
     state = torch.rand((config.max_state_dim,), generator=g) * 2 - 1
-    return {k: v.to(device) for k, v in dict(images=images, tokens=tokens, mask=mask, noise=noise, state=state).items()}
+    return {k: v.to(device) for k, v in dict(images=images, images_u8=images_u8, tokens=tokens, mask=mask, noise=noise, state=state).items()}
 
 
 def cosine(a, b) -> float:
@@ -94,7 +96,7 @@ def run_reference(ref, config, inputs, num_steps=None):
 def load_pipeline_inputs(pipe, config, inputs):
     ids = inputs["tokens"][inputs["mask"]].cpu().numpy()
     bucket = pipe.set_prompt_tokens(ids)
-    pipe.load_inputs(inputs["images"], inputs["noise"], None if config.is_pi05 else inputs["state"])
+    pipe.load_inputs(inputs["images_u8"], inputs["noise"], None if config.is_pi05 else inputs["state"])
     return bucket
 
 

@@ -1,6 +1,6 @@
 """Pi0.5 torch frontend for Hopper (arch "hopper"): IO around ``Pi05HopperPipeline``.
 
-validate -> resize-with-pad to 224 (flash_rt.models.pi_preprocess) -> normalise the state (the
+validate -> resize-with-pad to 224, uint8 (flash_rt.models.pi_preprocess) -> normalise the state (the
 checkpoint's norm stats) -> tokenize ``"Task: ..., State: <bins>;\\nAction: "`` (the PaliGemma
 tokenizer) -> pinned host buffers -> async H2D into the pipeline's static buffers -> one graph
 replay -> D2H (the one sync) -> unnormalise -> (action_horizon, robot action dims).
@@ -120,7 +120,7 @@ class PiTorchFrontendHopperBase:
     def _allocate_host_buffers(self):
         torch, pin = self._torch, self.device.type == "cuda"
         p = self.pipeline
-        self.images_host = torch.empty(tuple(p.images.shape), dtype=torch.float32, pin_memory=pin)
+        self.images_host = torch.empty(tuple(p.images.shape), dtype=torch.uint8, pin_memory=pin)
         self.noise_host = torch.empty(tuple(p.noise.shape), dtype=torch.float32, pin_memory=pin)
 
     # ------------------------------------------------------------------ prompt
@@ -166,10 +166,13 @@ class PiTorchFrontendHopperBase:
         return self._postprocess(actions)
 
     def _load_observation(self, observation, noise):
-        from flash_rt.models.pi_preprocess import prepare_images  # noqa: PLC0415
+        from flash_rt.models.pi_preprocess import observation_images, resize_with_pad  # noqa: PLC0415
 
-        images = prepare_images(observation, self.num_views, self.config.vision.image_size, self.config.camera_keys)
-        self.images_host.numpy()[...] = images
+        # resize-with-pad on the host in uint8; the [-1, 1] scaling runs on the GPU, in the graph
+        size = self.config.vision.image_size
+        host = self.images_host.numpy()
+        for i, image in enumerate(observation_images(observation, self.num_views, self.config.camera_keys)):
+            host[i] = resize_with_pad(image, size)
         if noise is None:
             self.noise_host.numpy()[...] = self._rng.standard_normal(self.noise_host.shape, dtype=np.float32)
         else:

@@ -97,16 +97,35 @@ def _std(key: str, shape: tuple[int, ...]) -> float:
     return 1.0 / math.sqrt(fan_in)
 
 
+def _draw(key, shape, generator, device):
+    import torch  # noqa: PLC0415
+
+    t = torch.randn(shape, generator=generator, device=device, dtype=torch.float32) * _std(key, shape)
+    if key.endswith(("layer_norm1.weight", "layer_norm2.weight", "post_layernorm.weight")):
+        t += 1.0  # SigLIP LayerNorm gamma is a plain multiplier: centre it on 1
+    return t
+
+
 def random_state_dict(config, *, device="cpu", dtype=None, seed: int = 0, shapes=None) -> dict:
     """Random weights for ``config`` drawn on ``device`` (true size on a GPU takes seconds)."""
     import torch  # noqa: PLC0415
 
     dtype = dtype or torch.float32
     generator = torch.Generator(device=device).manual_seed(seed)
-    out = {}
-    for key, shape in (shapes or state_dict_shapes(config)).items():
-        t = torch.randn(shape, generator=generator, device=device, dtype=torch.float32) * _std(key, shape)
-        if key.endswith("layer_norm1.weight") or key.endswith("layer_norm2.weight") or key.endswith("post_layernorm.weight"):
-            t += 1.0  # SigLIP LayerNorm gamma is a plain multiplier: centre it on 1
-        out[key] = t.to(dtype)
-    return out
+    return {
+        key: _draw(key, shape, generator, device).to(dtype)
+        for key, shape in (shapes or state_dict_shapes(config)).items()
+    }
+
+
+def fill_random_(module, *, seed: int = 0) -> None:
+    """Overwrite a model's parameters in place with random values of the same distributions as
+    ``random_state_dict`` (seeded), without a second copy of the weights."""
+    import torch  # noqa: PLC0415
+
+    params = dict(module.named_parameters())
+    device = next(iter(params.values())).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for key, param in params.items():
+            param.copy_(_draw(key, tuple(param.shape), generator, device))
