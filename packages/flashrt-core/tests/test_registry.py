@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-
 import flash_rt
+import pytest
 from flash_rt.errors import ConfigError, HardwareError
 from flash_rt.plugins import hookimpl, register_plugin
 
