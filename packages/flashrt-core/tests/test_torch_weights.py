@@ -115,6 +115,7 @@ def test_stacked_row_read_from_safetensors(tmp_path):
     src = SafetensorsSource(tmp_path / "s.safetensors")
     assert src.meta("k[2]").shape == (4, 5)
     assert torch.equal(src.read("k[2]"), stacked[2])
+    assert torch.equal(src.read("k[-1, 3]"), stacked[-1, 3]) and src.meta("k[1,0]").shape == (5,)
 
 
 def test_missing_path_and_empty_directory(tmp_path):

@@ -238,23 +238,24 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
 # --------------------------------------------------------------------------------------------
 # sources
 
-_INDEX_RE = re.compile(r"^(?P<base>.*)\[(?P<idx>-?\d+)\]$")
+_INDEX_RE = re.compile(r"^(?P<base>.*)\[(?P<idx>\s*-?\d+\s*(?:,\s*-?\d+\s*)*)\]$")
 
 
-def split_index(key: str) -> tuple[str, int | None]:
-    """``"a/b/kernel[3]"`` -> ``("a/b/kernel", 3)``: row 3 of a layer-stacked array."""
+def split_index(key: str) -> tuple[str, tuple[int, ...] | None]:
+    """``"a/b/kernel[3]"`` -> ``("a/b/kernel", (3,))``: row 3 of a layer-stacked array;
+    ``"kv_einsum/w[3,0]"`` -> ``("kv_einsum/w", (3, 0))``."""
     m = _INDEX_RE.match(key)
     if m is None:
         return key, None
-    return m.group("base"), int(m.group("idx"))
+    return m.group("base"), tuple(int(x) for x in m.group("idx").split(","))
 
 
 class WeightSource:
     """A read-only, lazily read collection of named tensors.
 
-    Subclasses implement ``keys()``, ``_meta(name)`` and ``_read(name, index)``. A key may end in
-    ``[i]`` to take row ``i`` of a stacked array (jax checkpoints stack layers); sources read
-    only that row where they can.
+    Subclasses implement ``keys()``, ``_meta(name)`` and ``_read(name, index)`` (``index`` is
+    ``None`` or a tuple of ints). A key may end in ``[i]`` (or ``[i, j]``) to take row ``i`` of
+    a stacked array (jax checkpoints stack layers); sources read only that row where they can.
     """
 
     def keys(self) -> list[str]:
@@ -285,12 +286,13 @@ class WeightSource:
         m = self._meta(name)
         if index is None:
             return m
-        if not m.shape or not -m.shape[0] <= index < m.shape[0]:
+        shape = m.shape
+        if len(index) > len(shape) or not all(-d <= j < d for j, d in zip(index, shape, strict=False)):
             raise CheckpointError(
-                f"{self.describe()}: key {key!r} takes row {index} of {name!r}, whose shape is "
-                f"{_fmt_shape(m.shape)}. Check the layer count of the spec."
+                f"{self.describe()}: key {key!r} takes [{', '.join(map(str, index))}] of {name!r}, whose "
+                f"shape is {_fmt_shape(shape)}. Check the layer count of the spec."
             )
-        return TensorMeta(m.shape[1:], m.dtype)
+        return TensorMeta(shape[len(index) :], m.dtype)
 
     def read(self, key: str):
         name, index = split_index(key)
