@@ -278,3 +278,13 @@ def test_importing_loader_modules_imports_no_torch_or_jax():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_dict_target_and_load_returns_it():
+    ck = toy_checkpoint()
+    weights = WeightLoader(DictSource(ck), toy_spec()).load()
+    assert isinstance(weights, dict)
+    assert torch.equal(weights["embed"], ck["embed.weight"]) and len(weights["q_w"]) == 3
+    assert torch.equal(weights["norm_2"], ck["layers.2.norm.weight"])
+    mine = {"q_w": []}
+    assert WeightLoader(DictSource(ck), toy_spec(), mine).load() is mine and len(mine["q_w"]) == 3

@@ -28,7 +28,9 @@ from flash_rt.executors.weight_loader import (
     Transform,
     WeightSource,
     _resolve_dim,
+    append_target,
     canonical_dtype,
+    set_target,
 )
 
 __all__ = [
@@ -260,9 +262,9 @@ class JaxQuant(Transform):
             raise ConfigError("JaxQuant takes one array; combine the Item's arrays first (NumpyConcat)")
         bits, scale = quantize_fp8_e4m3_numpy(value)
         if self.scale_into is not None:
-            _append_attr(ctx.target, ctx.fmt(self.scale_into), scale)
+            append_target(ctx.target, ctx.fmt(self.scale_into), scale)
         if self.scale_attr is not None:
-            setattr(ctx.target, ctx.fmt(self.scale_attr), scale)
+            set_target(ctx.target, ctx.fmt(self.scale_attr), scale)
         return bits
 
 
@@ -270,26 +272,15 @@ class JaxQuant(Transform):
 # sinks
 
 
-def _append_attr(target, name: str, value) -> None:
-    lst = getattr(target, name, None)
-    if lst is None:
-        lst = []
-        setattr(target, name, lst)
-    elif not isinstance(lst, list):
-        raise ConfigError(
-            f"attribute {name!r} of the target is a {type(lst).__name__}, expected a list to append to"
-        )
-    lst.append(value)
-
-
 class NumpyAttr(Sink):
-    """``setattr(target, name, np.asarray(value))``; ``name`` may use templates."""
+    """Store ``np.asarray(value)`` as ``target.<name>`` (``target[name]`` for a dict target);
+    ``name`` may use templates."""
 
     def __init__(self, name: str):
         self.name = name
 
     def store(self, value, ctx: LoadContext) -> None:
-        setattr(ctx.target, ctx.fmt(self.name), np.asarray(value))
+        set_target(ctx.target, ctx.fmt(self.name), np.asarray(value))
 
 
 class NumpyList(Sink):
@@ -301,7 +292,7 @@ class NumpyList(Sink):
     def store(self, value, ctx: LoadContext) -> None:
         name = ctx.fmt(self.name)
         for v in value if isinstance(value, list) else [value]:
-            _append_attr(ctx.target, name, np.asarray(v))
+            append_target(ctx.target, name, np.asarray(v))
 
 
 def _upload(arr: np.ndarray):
@@ -318,7 +309,7 @@ def _upload(arr: np.ndarray):
 
 
 class CudaBufferAttr(Sink):
-    """Upload to the device and ``setattr(target, name, CudaBuffer)``."""
+    """Upload to the device and store the ``CudaBuffer`` as ``target.<name>``."""
 
     def __init__(self, name: str):
         self.name = name
@@ -328,7 +319,7 @@ class CudaBufferAttr(Sink):
             raise ConfigError(
                 f"CudaBufferAttr({self.name!r}) takes one array; combine the Item's arrays first"
             )
-        setattr(ctx.target, ctx.fmt(self.name), _upload(value))
+        set_target(ctx.target, ctx.fmt(self.name), _upload(value))
 
 
 def flat_pack(parts: Sequence[np.ndarray], align: int = 1) -> tuple[np.ndarray, list[tuple[int, tuple]]]:
@@ -375,7 +366,7 @@ class CudaBufferFlat(Sink):
         def finish():
             flat, offsets = flat_pack(parts, align)
             parts.clear()
-            setattr(target, name, _upload(flat))
-            setattr(target, offsets_name, offsets)
+            set_target(target, name, _upload(flat))
+            set_target(target, offsets_name, offsets)
 
         ctx.on_finish(key, finish)

@@ -35,7 +35,7 @@ import struct
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -58,6 +58,8 @@ __all__ = [
     "canonical_dtype",
     "read_safetensors_header",
     "closest_keys",
+    "set_target",
+    "append_target",
 ]
 
 
@@ -398,6 +400,27 @@ class ElementwiseTransform(Transform):
         return self.one(value, ctx)
 
 
+def set_target(target: Any, name: str, value: Any) -> None:
+    """Store on the load target: ``target[name] = value`` for a dict, else ``setattr``."""
+    if isinstance(target, MutableMapping):
+        target[name] = value
+    else:
+        setattr(target, name, value)
+
+
+def append_target(target: Any, name: str, value: Any) -> None:
+    """Append to the list ``name`` of the target (created on first use)."""
+    lst = target.get(name) if isinstance(target, MutableMapping) else getattr(target, name, None)
+    if lst is None:
+        lst = []
+        set_target(target, name, lst)
+    elif not isinstance(lst, list):
+        raise ConfigError(
+            f"{name!r} of the load target is a {type(lst).__name__}, expected a list to append to"
+        )
+    lst.append(value)
+
+
 class Sink:
     """Where an item's final value goes: ``store(value, ctx)``. A sink that needs to see every
     item first (FlatCat) keeps state in ``ctx.state(...)`` and registers ``ctx.on_finish``."""
@@ -651,7 +674,9 @@ class WeightLoader:
     Args:
         source: a ``WeightSource`` (``SafetensorsSource``, ``DictSource``, ``OrbaxDictSource``).
         spec: the ``ModelWeightSpec``.
-        target: the object sinks write to (usually the frontend or pipeline, ``self``).
+        target: what sinks write to: an object (usually the frontend or pipeline, ``self``;
+            attributes are set) or a dict (items are set). Default: a new dict, returned by
+            ``load()``.
         params: template parameters, overriding the spec's.
         unused: what to do with checkpoint keys the spec never read: ``"warn"`` (default: a
             ``UserWarning``), ``"log"`` (a ``logging`` warning), ``"ignore"`` or ``"error"``
@@ -667,7 +692,7 @@ class WeightLoader:
         self,
         source: WeightSource,
         spec: ModelWeightSpec,
-        target: Any,
+        target: Any = None,
         *,
         params: Mapping[str, Any] | None = None,
         unused: str = "warn",
@@ -681,7 +706,7 @@ class WeightLoader:
             raise ConfigError(f"spec must be a ModelWeightSpec, got {type(spec).__name__}")
         self.source = source
         self.spec = spec
-        self.target = target
+        self.target = {} if target is None else target
         self.params = dict(params or {})
         self.unused = unused
         self.progress = progress
@@ -767,6 +792,11 @@ class WeightLoader:
         self.report = report
         self._report_unused(report.unused_keys)
         return report
+
+    def load(self):
+        """``run()``, then return the target (the dict of loaded tensors by default)."""
+        self.run()
+        return self.target
 
     def _progress_bar(self, total: int):
         from tqdm.auto import tqdm
