@@ -10,8 +10,8 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from flash_rt.errors import InputError
 
+from flash_rt.errors import InputError
 from flashrt_toy.model import WEIGHT_ATTRS, ToyConfig, ToyPolicy
 
 _VIEW_KEYS = ("image", "wrist_image", "wrist_image_right")

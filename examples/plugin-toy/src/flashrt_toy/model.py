@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from flash_rt.errors import CheckpointError
 
 MODEL_TYPE = "toy"
