@@ -7,6 +7,7 @@ import random
 import warnings
 
 import pytest
+
 from flash_rt.core.quant import calibrator
 from flash_rt.core.quant.calibrator import (
     SCHEMA_VERSION,

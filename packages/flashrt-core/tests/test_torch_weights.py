@@ -7,6 +7,9 @@ import os
 import pytest
 
 torch = pytest.importorskip("torch")
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
 from flash_rt.errors import CheckpointError, ConfigError  # noqa: E402
 from flash_rt.executors.torch_weights import (  # noqa: E402
     Attr,
@@ -30,8 +33,6 @@ from flash_rt.executors.torch_weights import (  # noqa: E402
     write_safetensors,
 )
 from flash_rt.executors.weight_loader import Item, LayerBlock, ModelWeightSpec, WeightLoader  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
 
 
 class Target:
