@@ -6,6 +6,7 @@ import types
 
 import numpy as np
 import pytest
+
 from flash_rt.errors import CheckpointError, ConfigError
 from flash_rt.executors.jax_weights import (
     Astype,
