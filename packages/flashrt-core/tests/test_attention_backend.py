@@ -236,7 +236,8 @@ def test_checker_rejects_non_backend():
 
 def test_importing_backend_modules_is_light():
     code = (
-        "import sys; import flash_rt.hardware.backend, flash_rt.hardware.sdpa_backend, flash_rt.testing; "
+        "import sys; import flash_rt.hardware.backend, flash_rt.hardware.sdpa_backend, flash_rt.testing, "
+        "flash_rt.hardware.rtx.attn_backend, flash_rt.hardware.rtx.attn_backend_groot; "
         "bad = [m for m in ('torch', 'jax', 'cuda.bindings.runtime') if m in sys.modules]; "
         "assert not bad, bad"
     )
@@ -273,3 +274,156 @@ def test_checker_rejects_dtype_mismatch():
     spec = small_spec()
     with pytest.raises(AssertionError, match="slots are torch.float32"):
         check_attention_backend(TorchSdpaBackend(spec, dtype=torch.float32), spec, dtype="bf16", device="cpu")
+
+
+# -- RTX FA2 backend, with host memory and a fake flash_rt_fa2 (the real one is tested on GPU) -------
+
+
+class HostSlot:
+    """Stands in for a CudaBuffer: a CPU tensor with .ptr / .free()."""
+
+    def __init__(self, shape, dtype):
+        self.tensor = torch.zeros(shape, dtype=dtype)
+        self.ptr = self.tensor.data_ptr()
+
+    def free(self):
+        self.tensor = None
+
+
+class FakeFa2:
+    """The seed's fwd_bf16/fwd_fp16 contract on host pointers, computed with torch."""
+
+    def __init__(self):
+        self.calls = []
+
+    def _fwd(self, dtype, Q, K, V, O, softmax_lse,  # noqa: E741 (the seed's names)
+             softmax_lse_accum=0, o_accum=0, *, batch, seqlen_q, seqlen_k,
+             num_heads_q, num_heads_kv, head_dim, q_strides, k_strides, v_strides, o_strides, softmax_scale=1.0,
+             num_sms=0, stream=0):
+        from flash_rt.testing import _tensor_at
+
+        self.calls.append(dict(batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, q_strides=q_strides,
+                               k_strides=k_strides, softmax_scale=softmax_scale, stream=stream, lse=softmax_lse))
+        cpu = torch.device("cpu")
+
+        def rows(ptr, strides, seq, heads):
+            flat = _tensor_at(ptr, (strides[0] * batch,), dtype, cpu)
+            return flat.as_strided((batch, seq, heads, head_dim), (strides[0], strides[1], strides[2], 1))
+
+        q = rows(Q, q_strides, seqlen_q, num_heads_q)
+        k = rows(K, k_strides, seqlen_k, num_heads_kv)
+        v = rows(V, v_strides, seqlen_k, num_heads_kv)
+        o = rows(O, o_strides, seqlen_q, num_heads_q)
+        for b in range(batch):
+            o[b].copy_(reference_attention(q[b], k[b], v[b], scale=softmax_scale, causal=False))
+        return 0
+
+    def fwd_bf16(self, *args, **kwargs):
+        return self._fwd(torch.bfloat16, *args, **kwargs)
+
+    def fwd_fp16(self, *args, **kwargs):
+        return self._fwd(torch.float16, *args, **kwargs)
+
+
+def host_rtx(cls, spec, dtype="bf16"):
+    class HostRtx(cls):
+        def _allocate(self, site):
+            dt = torch.bfloat16 if self.dtype_name == "bfloat16" else torch.float16
+            q_shape = (site.max_q_seq, site.num_q_heads, site.head_dim)
+            kv_shape = (site.num_layers, site.kv_capacity, site.num_kv_heads, site.head_dim)
+            return {"Q": HostSlot(q_shape, dt), "O": HostSlot(q_shape, dt), "K": HostSlot(kv_shape, dt),
+                    "V": HostSlot(kv_shape, dt), "lse": HostSlot((site.num_q_heads, site.max_q_seq), torch.float32)}
+
+    backend = HostRtx(spec, dtype=dtype)
+    backend._fa2 = FakeFa2()
+    return backend
+
+
+def non_causal_spec():
+    return (
+        AttentionSpec()
+        .add_site("prefix", num_layers=2, num_q_heads=4, num_kv_heads=1, head_dim=32, max_q_seq=19)
+        .add_site("suffix", num_layers=3, num_q_heads=8, num_kv_heads=2, head_dim=16, max_q_seq=7, max_kv_seq=26)
+    )
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_rtx_backend_plumbing_passes_checker_with_fake_fa2(dtype, monkeypatch):
+    """Pointers, per-layer offsets, strides, lengths and scale reach FA2 as the seed describes."""
+    from flash_rt.hardware.rtx.attn_backend import RtxFlashAttnBackend
+
+    monkeypatch.delenv("FVK_RTX_FA2", raising=False)
+    spec = non_causal_spec()
+    backend = host_rtx(RtxFlashAttnBackend, spec, dtype)
+    assert isinstance(backend, AttentionBackend)
+    check_attention_backend(backend, spec, device="cpu")
+    call = backend._fa2.calls[-1]
+    assert call["batch"] == 1 and call["q_strides"] == (7 * 8 * 16, 8 * 16, 16)
+    assert call["k_strides"] == (26 * 2 * 16, 2 * 16, 16)
+    assert call["softmax_scale"] == pytest.approx(16**-0.5)
+
+
+def test_rtx_groot_backend_sites_and_dit_mapping():
+    from flash_rt.hardware.rtx.attn_backend_groot import RtxFlashAttnBackendGroot, groot_attention_spec
+
+    spec = groot_attention_spec(vision_layers=2, vision_tokens=8, llm_layers=2, max_vl_tokens=12, dit_layers=4,
+                                max_action_tokens=5)
+    backend = host_rtx(RtxFlashAttnBackendGroot, spec)
+    assert backend.sites() == ("vision", "llm", "dit_cross", "dit_self")
+    assert [RtxFlashAttnBackendGroot.dit_site(b) for b in range(4)] == [
+        ("dit_cross", 0), ("dit_self", 0), ("dit_cross", 1), ("dit_self", 1)]
+    assert (backend.num_q_heads("llm"), backend.num_kv_heads("llm"), backend.head_dim("vision")) == (16, 8, 72)
+    check_attention_backend(backend, spec, device="cpu")
+    with pytest.raises(ConfigError, match="dit_layers must be even"):
+        groot_attention_spec(dit_layers=3)
+
+
+def test_rtx_backend_refuses_what_fa2_cannot_do():
+    from flash_rt.hardware.rtx.attn_backend import RtxFlashAttnBackend
+
+    with pytest.raises(ConfigError, match="causal"):
+        RtxFlashAttnBackend(small_spec())
+    with pytest.raises(ConfigError, match="bf16 or fp16"):
+        RtxFlashAttnBackend(non_causal_spec(), dtype="fp32")
+    odd = AttentionSpec().add_site("s", num_layers=1, num_q_heads=2, num_kv_heads=1, head_dim=12, max_q_seq=3)
+    with pytest.raises(ConfigError, match="multiple of 8"):
+        RtxFlashAttnBackend(odd)
+
+
+def test_rtx_backend_missing_kernels_is_a_clear_error(monkeypatch):
+    from flash_rt.hardware.rtx.attn_backend import RtxFlashAttnBackend
+
+    monkeypatch.delenv("FVK_RTX_FA2", raising=False)
+    backend = host_rtx(RtxFlashAttnBackend, non_causal_spec())
+    backend._fa2 = None
+    monkeypatch.setitem(sys.modules, "flash_rt.flash_rt_fa2", None)  # import fails like a missing build
+    with pytest.raises(HardwareError, match="flashrt-kernels"):
+        backend.run("prefix", 0, 4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_rtx_backend_without_gpu_is_hardware_error():
+    from flash_rt.hardware.rtx.attn_backend import RtxFlashAttnBackend
+
+    with pytest.raises(HardwareError, match="no usable CUDA device"):
+        RtxFlashAttnBackend(non_causal_spec())
+
+
+def test_deprecated_aliases_warn_and_resolve():
+    from flash_rt.hardware.rtx import attn_backend, attn_backend_groot
+
+    with pytest.warns(DeprecationWarning, match="RtxFlashAttnBackend"):
+        assert attn_backend.TorchFlashAttnBackend is attn_backend.RtxFlashAttnBackend
+    with pytest.warns(DeprecationWarning, match="RtxFlashAttnBackendGroot"):
+        assert attn_backend_groot.TorchFlashAttnBackendGroot is attn_backend_groot.RtxFlashAttnBackendGroot
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_rtx_backend_on_gpu_with_real_kernels(dtype):
+    pytest.importorskip("flash_rt.flash_rt_fa2", reason="flashrt-kernels with flash_rt_fa2 not installed")
+    from flash_rt.hardware.rtx.attn_backend import RtxFlashAttnBackend
+
+    spec = non_causal_spec()
+    check_attention_backend(RtxFlashAttnBackend(spec, dtype=dtype), spec, device="cuda")
