@@ -51,7 +51,7 @@ def sentences(rng: random.Random, count: int):
             yield f"{task}. The robot should {rng.choice(VERBS)} {rng.choice(OBJECTS)}."
 
 
-def main() -> None:
+def main(out: Path = OUT) -> bytes:
     rng = random.Random(SEED)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -78,9 +78,10 @@ def main() -> None:
         num_threads=1,
         minloglevel=2,
     )
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_bytes(model.getvalue())
-    print(f"wrote {OUT} ({len(model.getvalue())} bytes, vocab {VOCAB_SIZE})")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(model.getvalue())
+    print(f"wrote {out} ({len(model.getvalue())} bytes, vocab {VOCAB_SIZE})")
+    return model.getvalue()
 
 
 if __name__ == "__main__":
