@@ -7,12 +7,11 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from flash_rt.errors import CheckpointError
 from flash_rt.models.pi_checkpoint import detect_format, load_pi_checkpoint
 from flash_rt.models.pi_make_checkpoint import make_config, random_state_dict, write_random_checkpoint
 from flash_rt.models.pi_params import UNUSED_KEYS, expected_tensors
+from safetensors.torch import load_file, save_file
 
 EMBED = "paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight"
 
