@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from flash_rt.errors import CheckpointError
@@ -194,3 +196,128 @@ def test_detect_by_weight_prefix_without_config(written, tmp_path):
     assert detect_format(path) == "lerobot"
     with pytest.raises(CheckpointError, match="without config.json"):
         load_pi_checkpoint(path, "pi05")
+
+
+# -- openpi JAX ---------------------------------------------------------------------------------
+HAS_ORBAX = all(importlib.util.find_spec(m) is not None for m in ("orbax", "jax"))
+needs_orbax = pytest.mark.skipif(not HAS_ORBAX, reason="needs the optional orbax-checkpoint package "
+                                                       "(pip install 'flashrt-core[jax]')")
+
+# The openpi pi05 parameter tree (shared/checkpoint_keys/openpi_jax_param_trees.txt), paths only.
+OPENPI_PI05_PATHS = """
+PaliGemma/img/Transformer/encoder_norm/bias PaliGemma/img/Transformer/encoder_norm/scale
+PaliGemma/img/Transformer/encoderblock/LayerNorm_0/bias PaliGemma/img/Transformer/encoderblock/LayerNorm_0/scale
+PaliGemma/img/Transformer/encoderblock/LayerNorm_1/bias PaliGemma/img/Transformer/encoderblock/LayerNorm_1/scale
+PaliGemma/img/Transformer/encoderblock/MlpBlock_0/Dense_0/bias PaliGemma/img/Transformer/encoderblock/MlpBlock_0/Dense_0/kernel
+PaliGemma/img/Transformer/encoderblock/MlpBlock_0/Dense_1/bias PaliGemma/img/Transformer/encoderblock/MlpBlock_0/Dense_1/kernel
+PaliGemma/img/Transformer/encoderblock/MultiHeadDotProductAttention_0/key/bias
+PaliGemma/img/Transformer/encoderblock/MultiHeadDotProductAttention_0/key/kernel
+PaliGemma/img/Transformer/encoderblock/MultiHeadDotProductAttention_0/out/bias
+PaliGemma/img/Transformer/encoderblock/MultiHeadDotProductAttention_0/out/kernel
+PaliGemma/img/Transformer/encoderblock/MultiHeadDotProductAttention_0/query/bias
+PaliGemma/img/Transformer/encoderblock/MultiHeadDotProductAttention_0/query/kernel
+PaliGemma/img/Transformer/encoderblock/MultiHeadDotProductAttention_0/value/bias
+PaliGemma/img/Transformer/encoderblock/MultiHeadDotProductAttention_0/value/kernel
+PaliGemma/img/embedding/bias PaliGemma/img/embedding/kernel PaliGemma/img/head/bias PaliGemma/img/head/kernel
+PaliGemma/img/pos_embedding PaliGemma/llm/embedder/input_embedding PaliGemma/llm/final_norm/scale
+PaliGemma/llm/final_norm_1/Dense_0/bias PaliGemma/llm/final_norm_1/Dense_0/kernel
+PaliGemma/llm/layers/attn/attn_vec_einsum/w PaliGemma/llm/layers/attn/attn_vec_einsum_1/w
+PaliGemma/llm/layers/attn/kv_einsum/w PaliGemma/llm/layers/attn/kv_einsum_1/w PaliGemma/llm/layers/attn/q_einsum/w
+PaliGemma/llm/layers/attn/q_einsum_1/w PaliGemma/llm/layers/mlp/gating_einsum PaliGemma/llm/layers/mlp/linear
+PaliGemma/llm/layers/mlp_1/gating_einsum PaliGemma/llm/layers/mlp_1/linear PaliGemma/llm/layers/pre_attention_norm/scale
+PaliGemma/llm/layers/pre_attention_norm_1/Dense_0/bias PaliGemma/llm/layers/pre_attention_norm_1/Dense_0/kernel
+PaliGemma/llm/layers/pre_ffw_norm/scale PaliGemma/llm/layers/pre_ffw_norm_1/Dense_0/bias
+PaliGemma/llm/layers/pre_ffw_norm_1/Dense_0/kernel action_in_proj/bias action_in_proj/kernel action_out_proj/bias
+action_out_proj/kernel time_mlp_in/bias time_mlp_in/kernel time_mlp_out/bias time_mlp_out/kernel
+""".split()
+
+
+def _flat(tree, prefix=""):
+    out = {}
+    for k, v in tree.items():
+        path = f"{prefix}/{k}" if prefix else k
+        out.update(_flat(v, path) if isinstance(v, dict) else {path: v})
+    return out
+
+
+def test_jax_layout_follows_openpi_formulas():
+    # Independent of the key map's code: the MODELS.md conversion formulas, written out.
+    from flash_rt.models.pi_jax import build_tree
+
+    config = make_config("pi05", "tiny")
+    sd = random_state_dict(config, seed=2)
+    tree = _flat(build_tree(config, lambda t: sd[t.name].numpy()))
+    assert sorted(tree) == sorted(OPENPI_PI05_PATHS)
+    g, e, v = config.paligemma, config.expert, config.vision
+    L, E, V = "paligemma_with_expert.paligemma.model.language_model.layers.", \
+        "paligemma_with_expert.gemma_expert.model.layers.", \
+        "paligemma_with_expert.paligemma.model.vision_tower.vision_model."
+    assert tree["PaliGemma/llm/layers/attn/q_einsum/w"].shape == (g.depth, g.num_heads, g.width, g.head_dim)
+    assert tree["PaliGemma/llm/layers/attn/kv_einsum_1/w"].shape == (e.depth, 2, 1, e.width, e.head_dim)
+    assert tree["PaliGemma/img/Transformer/encoderblock/MultiHeadDotProductAttention_0/out/kernel"].shape == \
+        (v.depth, v.num_heads, v.head_dim, v.width)
+    assert tree["PaliGemma/img/pos_embedding"].shape == (1, 256, v.width)
+    for i in range(2):
+        q = tree["PaliGemma/llm/layers/attn/q_einsum/w"][i].transpose(0, 2, 1).reshape(-1, g.width)
+        np.testing.assert_array_equal(q, sd[L + f"{i}.self_attn.q_proj.weight"].numpy())
+        kv = tree["PaliGemma/llm/layers/attn/kv_einsum_1/w"]
+        np.testing.assert_array_equal(kv[i, 0, 0].T, sd[E + f"{i}.self_attn.k_proj.weight"].numpy())
+        np.testing.assert_array_equal(kv[i, 1, 0].T, sd[E + f"{i}.self_attn.v_proj.weight"].numpy())
+        o = tree["PaliGemma/llm/layers/attn/attn_vec_einsum_1/w"][i].reshape(-1, e.width).T
+        np.testing.assert_array_equal(o, sd[E + f"{i}.self_attn.o_proj.weight"].numpy())
+        gating = tree["PaliGemma/llm/layers/mlp/gating_einsum"][i]
+        np.testing.assert_array_equal(gating[0].T, sd[L + f"{i}.mlp.gate_proj.weight"].numpy())
+        np.testing.assert_array_equal(gating[1].T, sd[L + f"{i}.mlp.up_proj.weight"].numpy())
+        np.testing.assert_array_equal(tree["PaliGemma/llm/layers/mlp_1/linear"][i].T,
+                                      sd[E + f"{i}.mlp.down_proj.weight"].numpy())
+        np.testing.assert_array_equal(tree["PaliGemma/llm/layers/pre_ffw_norm_1/Dense_0/kernel"][i].T,
+                                      sd[E + f"{i}.post_attention_layernorm.dense.weight"].numpy())
+        query = tree["PaliGemma/img/Transformer/encoderblock/MultiHeadDotProductAttention_0/query/kernel"][i]
+        np.testing.assert_array_equal(query.reshape(v.width, -1).T,
+                                      sd[V + f"encoder.layers.{i}.self_attn.q_proj.weight"].numpy())
+    np.testing.assert_array_equal(tree["PaliGemma/img/embedding/kernel"].transpose(3, 2, 0, 1),
+                                  sd[V + "embeddings.patch_embedding.weight"].numpy())
+    np.testing.assert_array_equal(tree["time_mlp_in/kernel"].T, sd["time_mlp_in.weight"].numpy())
+
+
+@needs_orbax
+@pytest.mark.parametrize("model_type", ["pi05", "pi0"])
+def test_jax_checkpoint_without_config_infers_dims(tmp_path, model_type):
+    path = write_random_checkpoint(tmp_path / "jax", model_type, "tiny", "openpi-jax", seed=1)
+    assert detect_format(path) == "openpi-jax" and detect_format(path / "params") == "openpi-jax"
+    (path / "config.json").unlink()
+    ckpt = load_pi_checkpoint(path / "params", model_type)  # pointing at params/ works too
+    config = make_config(model_type, "tiny")
+    assert (ckpt.config.paligemma, ckpt.config.expert, ckpt.config.vision) == \
+        (config.paligemma, config.expert, config.vision)
+    assert ckpt.config.action_horizon == 50  # not in the weights: openpi's default
+    assert ckpt.norm_stats is not None and ckpt.directory == path
+    reference = random_state_dict(config, seed=1)
+    for name, value in reference.items():
+        torch.testing.assert_close(ckpt.state_dict[name], value, rtol=0, atol=0, msg=name)
+    with pytest.raises(CheckpointError, match=f"holds a {model_type} model"):
+        load_pi_checkpoint(path, "pi0" if model_type == "pi05" else "pi05")
+
+
+@needs_orbax
+def test_jax_nnx_value_suffix_and_damage(tmp_path):
+    import orbax.checkpoint as ocp
+    from flash_rt.models.pi_jax import build_tree
+
+    config = make_config("pi0", "tiny")
+    sd = random_state_dict(config, seed=3)
+    tree = build_tree(config, lambda t: sd[t.name].numpy())
+
+    def wrap(node):  # nnx.State leaves: {"value": array}
+        return {k: wrap(v) for k, v in node.items()} if isinstance(node, dict) else {"value": node}
+
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        checkpointer.save((tmp_path / "ck" / "params").resolve(), {"params": wrap(tree)})
+    ckpt = load_pi_checkpoint(tmp_path / "ck", "pi0")
+    torch.testing.assert_close(ckpt.state_dict["state_proj.weight"], sd["state_proj.weight"], rtol=0, atol=0)
+    assert ckpt.norm_stats is None
+    for f in (tmp_path / "ck" / "params").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.unlink()
+    with pytest.raises(CheckpointError, match="cannot read the orbax checkpoint"):
+        load_pi_checkpoint(tmp_path / "ck", "pi0")
