@@ -11,8 +11,26 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 
 import nox
+
+
+def _expose_pyenv_versions() -> None:
+    """pyenv's shims answer `python3.12` only for the selected versions (pyenv also sets
+    PYENV_VERSION for the process it runs); select every installed one, current first, so nox
+    finds the interpreters its sessions name."""
+    if shutil.which("pyenv") is None:
+        return
+    current = os.environ.get("PYENV_VERSION") or subprocess.run(
+        ["pyenv", "version-name"], capture_output=True, text=True).stdout.strip()
+    selected = [v for v in current.split(":") if v]
+    installed = subprocess.run(["pyenv", "versions", "--bare"], capture_output=True, text=True).stdout.split()
+    os.environ["PYENV_VERSION"] = ":".join(selected + [v for v in installed if v not in selected])
+
+
+_expose_pyenv_versions()
 
 nox.options.sessions = ["lint", "tests", "parity"]
 nox.options.reuse_existing_virtualenvs = True
