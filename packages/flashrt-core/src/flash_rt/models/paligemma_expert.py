@@ -194,6 +194,18 @@ class PiReferenceBase(nn.Module):
             param.data = param.data.to(torch.float32 if keep else dtype)
         return self
 
+    @classmethod
+    def from_checkpoint(cls, checkpoint, *, device=None, dtype=None, **knobs):
+        """Build from a ``PiCheckpoint`` (flash_rt.models.pi_checkpoint) without a random init:
+        the modules are made on the meta device and take the checkpoint's tensors."""
+        with torch.device("meta"):
+            model = cls(checkpoint.config, **knobs)
+        model.load_state_dict(checkpoint.state_dict, strict=True, assign=True)
+        model = model.to(device=device or "cpu").eval()
+        if dtype is not None and dtype != torch.float32:
+            model.to_precision(dtype)
+        return model
+
     @property
     def device(self) -> torch.device:
         return self.action_in_proj.weight.device

@@ -145,7 +145,82 @@ def validate_state(state, expected_dim: int | None, max_dim: int, model: str) ->
     return array.astype(np.float32)
 
 
+class PiInputs:
+    """predict() inputs -> model inputs for one Pi0 / Pi0.5 checkpoint, and model outputs -> robot
+    actions. Shared by the frontends of every arch (numpy only; no torch).
+
+    ``config`` is the checkpoint's PiConfig, ``norm_stats`` its NormStats or None, ``tokenizer`` a
+    PaligemmaTokenizer. Without norm stats the state is used as given and the actions are the raw
+    model output (the robot's action dims when the checkpoint declares them, else all of them).
+    """
+
+    def __init__(self, config, norm_stats, tokenizer, num_views: int):
+        if num_views not in (1, 2, 3):
+            raise InputError(f"num_views must be 1, 2 or 3; got {num_views!r}")
+        self.config, self.norm_stats, self.tokenizer, self.num_views = config, norm_stats, tokenizer, num_views
+        self.model_name = "Pi0.5" if config.model_type == "pi05" else "Pi0"
+
+    @property
+    def state_dim(self) -> int | None:
+        if self.norm_stats is not None and self.norm_stats.state_dim is not None:
+            return self.norm_stats.state_dim
+        return self.config.state_dim
+
+    def images(self, observation) -> np.ndarray:
+        size = self.config.vision.image_size
+        keys = tuple(k for k in self.config.camera_keys if k not in IMAGE_KEYS)
+        return prepare_images(observation, self.num_views, size, keys if len(keys) >= self.num_views else ())
+
+    def normalized_state(self, state) -> np.ndarray:
+        """Validated and normalised (with norm stats), unpadded, float32."""
+        array = validate_state(state, self.state_dim, self.config.max_state_dim, self.model_name)
+        if self.norm_stats is not None:
+            array = self.norm_stats.normalize_state(array)
+        return np.asarray(array, dtype=np.float32)
+
+    def padded_state(self, normalized: np.ndarray) -> np.ndarray:
+        out = np.zeros(self.config.max_state_dim, dtype=np.float32)
+        out[: normalized.shape[0]] = normalized
+        return out
+
+    def prompt_tokens(self, prompt, normalized_state: np.ndarray | None = None):
+        """(ids int64 (max_token_len,), mask bool) for the model's prompt format."""
+        if prompt is None or not isinstance(prompt, str) or not prompt.strip():
+            raise InputError(
+                f"{self.model_name} needs a non-empty task prompt (a str such as 'pick up the cup'); "
+                f"got {prompt!r}"
+            )
+        max_len = self.config.max_token_len
+        if self.config.model_type == "pi05":
+            return self.tokenizer.tokenize_pi05(prompt, normalized_state, max_len)
+        return self.tokenizer.tokenize_pi0(prompt, max_len)
+
+    def noise(self, noise, rng: np.random.Generator) -> np.ndarray:
+        shape = (self.config.action_horizon, self.config.action_dim)
+        if noise is None:
+            return rng.standard_normal(shape, dtype=np.float32)
+        try:
+            array = np.asarray(noise, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise InputError(f"noise must be a float array of shape {shape}; got {type(noise).__name__}") from None
+        if array.ndim == 3 and array.shape[0] == 1:
+            array = array[0]
+        if array.shape != shape:
+            raise InputError(f"noise must have shape {shape} (action_horizon, model action dim); got {array.shape}")
+        if not np.all(np.isfinite(array)):
+            raise InputError("noise holds NaN or inf")
+        return array
+
+    def actions(self, raw: np.ndarray) -> np.ndarray:
+        """(H, model action dim) -> (H, robot action dim) in robot units (float32)."""
+        if self.norm_stats is not None and self.norm_stats.action_dim is not None:
+            return np.asarray(self.norm_stats.unnormalize_actions(raw), dtype=np.float32)
+        dim = self.config.robot_action_dim or raw.shape[-1]
+        return np.ascontiguousarray(raw[:, :dim], dtype=np.float32)
+
+
 __all__ = [
+    "PiInputs",
     "IMAGE_KEYS",
     "observation_images",
     "resize_with_pad",
