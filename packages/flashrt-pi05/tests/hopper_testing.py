@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
 from flash_rt.models.pi_config import GEMMA_VARIANTS, PiConfig, VisionDims
 
 # SigLIP-like but tiny: 56x56 images, 14-pixel patches -> a 4x4 grid (pool factors 2 and 4 divide it).

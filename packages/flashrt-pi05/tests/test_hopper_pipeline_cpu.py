@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from flash_rt.errors import CalibrationError, ConfigError, InputError
 
 _spec = importlib.util.spec_from_file_location("hopper_testing", Path(__file__).with_name("hopper_testing.py"))

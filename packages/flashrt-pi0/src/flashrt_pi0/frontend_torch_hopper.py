@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
+
 from flash_rt.errors import InputError
 from flashrt_pi05.frontend_torch_hopper import PiTorchFrontendHopperBase
 

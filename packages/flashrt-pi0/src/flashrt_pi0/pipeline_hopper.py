@@ -15,6 +15,7 @@ Pi0 has no state in the prompt, so one prompt length (one graph) serves a whole 
 from __future__ import annotations
 
 import torch
+
 from flash_rt.errors import InputError
 from flashrt_pi05.pipeline_hopper import EXPERT, PaliGemmaHopperPipeline, euler_times, time_embedding
 

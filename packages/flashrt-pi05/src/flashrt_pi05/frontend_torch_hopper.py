@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
+
 from flash_rt.errors import ConfigError, InputError
 
 FP4_MESSAGE = (

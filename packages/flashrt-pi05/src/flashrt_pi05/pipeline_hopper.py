@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from flash_rt.errors import CalibrationError, ConfigError, InputError
 
+from flash_rt.errors import CalibrationError, ConfigError, InputError
 from flashrt_pi05.hopper_ops import FP8_MAX, Linear, default_ops, make_linear
 
 VISION = "paligemma_with_expert.paligemma.model.vision_tower.vision_model."
@@ -148,10 +148,11 @@ class PaliGemmaHopperPipeline:
         self.max_total = self.max_prefix + self.suffix_extra_tokens + self.horizon
 
         sd = _StateDict(state_dict, self.device)
-        self._prepare_vision(sd)
-        self._prepare_llm(sd)
-        self._prepare_expert(sd)
-        self._prepare_suffix(sd)
+        with torch.no_grad():
+            self._prepare_vision(sd)
+            self._prepare_llm(sd)
+            self._prepare_expert(sd)
+            self._prepare_suffix(sd)
         sd.check_consumed()
         self._allocate_buffers()
 
@@ -283,6 +284,7 @@ class PaliGemmaHopperPipeline:
     def prefix_len(self, bucket: Bucket) -> int:
         return self.num_image_tokens + bucket.length
 
+    @torch.no_grad()
     def run_vision(self):
         """images (V, 224, 224, 3) uint8 -> [-1, 1] -> prefix_x[:num_image_tokens] (projected tokens)."""
         ops, v, nv = self.ops, self.config.vision, self.num_views
@@ -303,6 +305,7 @@ class PaliGemmaHopperPipeline:
             tokens = pooled.permute(0, 2, 3, 1).reshape(self.num_image_tokens, -1)
         self.prefix_x[: self.num_image_tokens].copy_(tokens)
 
+    @torch.no_grad()
     def run_prefix(self, bucket: Bucket):
         """Prompt embedding + the Gemma prefix; writes every layer's K/V for [0, P)."""
         ops, d = self.ops, self.config.paligemma
@@ -364,18 +367,21 @@ class PaliGemmaHopperPipeline:
         """dt * v(x_t, t_step) (dt is folded into action_out_proj), (H, action_dim) fp32."""
         raise NotImplementedError
 
+    @torch.no_grad()
     def run_denoise(self, bucket: Bucket):
         self.x_t.copy_(self.noise)
         for step in range(self.num_steps):
             self.x_t.add_(self.denoise_delta(bucket, step))
         self.actions.copy_(self.x_t)
 
+    @torch.no_grad()
     def run_all(self, bucket: Bucket):
         self.run_vision()
         self.run_prefix(bucket)
         self.run_after_prefix(bucket)
         self.run_denoise(bucket)
 
+    @torch.no_grad()
     def velocity(self, bucket: Bucket, x_t: torch.Tensor, step: int) -> torch.Tensor:
         """v(x_t, t_step) on the current prefix cache (eager; for stage tests)."""
         saved = self.x_t.clone()
@@ -429,6 +435,7 @@ class PaliGemmaHopperPipeline:
     def load_state(self, state):
         """Pi0 only; Pi0.5 carries its state in the prompt."""
 
+    @torch.no_grad()
     def infer(self, *, prefix: bool = True) -> np.ndarray:
         """Run the call for the current bucket on the loaded inputs; one sync, on the D2H.
 
@@ -475,6 +482,7 @@ class PaliGemmaHopperPipeline:
             graph = self.capture(bucket, kind)
         return graph
 
+    @torch.no_grad()
     def capture(self, bucket: Bucket, kind: str):
         """Capture one stage (or the whole call) of ``bucket`` as a CUDA graph. Every graph of this
         pipeline shares one memory pool: their intermediates never outlive a replay (all state that
@@ -500,7 +508,10 @@ class PaliGemmaHopperPipeline:
             return _nullcontext()
         from torch.nn.attention import sdpa_kernel  # noqa: PLC0415
 
-        return sdpa_kernel(self._sdpa_backends)
+        try:  # the list is a priority order (torch >= 2.6); older torch only restricts the set
+            return sdpa_kernel(self._sdpa_backends, set_priority=True)
+        except TypeError:
+            return sdpa_kernel(self._sdpa_backends)
 
     def autotune_attention(self, level: int) -> str:
         """autotune >= 3: time SDPA's backends at this pipeline's prefix shape, keep the fastest."""
@@ -565,6 +576,7 @@ class PaliGemmaHopperPipeline:
     def _suffix_linears(self):
         return ()
 
+    @torch.no_grad()
     def observe_amax(self) -> dict[str, float]:
         """One eager pass of the current inputs recording each FP8 GEMM input's absolute max."""
         bucket = self._bucket()
@@ -686,7 +698,8 @@ class _StateDict:
                 "names (load the checkpoint with flash_rt.models.pi_checkpoint)"
             ) from None
         self._taken.add(key)
-        return tensor.to(self._device)  # fold on the target device: fast, and no host fp32 copies
+        # fold on the target device (fast, no host fp32 copies); never track gradients
+        return tensor.detach().to(self._device)
 
     def skip(self, key: str):
         if key in self._sd:
