@@ -37,7 +37,7 @@ class Pi0TorchFrontendHopper(PiTorchFrontendHopperBase):
         return super().set_prompt(prompt, None)
 
     def prompt_ids(self, prompt, state) -> np.ndarray:
-        ids, mask = self.tokenizer.tokenize_pi0(prompt, self.config.max_token_len)
+        ids, mask = self.inputs.prompt_tokens(prompt)
         return ids[mask]
 
     def calibrate(self, observations, percentile: float | None = None, prompt=None, state=None):
@@ -57,12 +57,6 @@ class Pi0TorchFrontendHopper(PiTorchFrontendHopperBase):
         self._save_calibration()
 
     def _state_input(self, observation):
-        from flash_rt.models.pi_preprocess import validate_state  # noqa: PLC0415
-
         state = observation.get("state") if isinstance(observation, Mapping) else None
-        state = validate_state(state, self.config.state_dim, self.config.max_state_dim, "Pi0")
-        normalized = self.norm_stats.normalize_state(state) if self.norm_stats is not None else state
-        host = self.state_host.numpy()
-        host[...] = 0.0
-        host[: normalized.shape[0]] = normalized
+        self.state_host.numpy()[...] = self.inputs.padded_state(self.inputs.normalized_state(state))
         return self.state_host

@@ -83,7 +83,12 @@ class PiTorchFrontendHopperBase:
             device=self.device, vision_pool_factor=vision_pool_factor, vision_num_layers=vision_num_layers,
         )
         del ckpt
+        from flash_rt.models.pi_preprocess import PiInputs  # noqa: PLC0415
+
+        # the model-independent IO (state normalisation, prompt format, noise, actions) is shared
+        # with the reference frontends, so both arches feed their model identical inputs
         self.tokenizer = self._load_tokenizer(tokenizer)
+        self.inputs = PiInputs(self.config, self.norm_stats, self.tokenizer, num_views)
         self.cache_frames = cache_frames
         self._calls_since_encode = None  # None: the next call must encode the prefix
         self._encoded = None  # (prompt, length) of the prefix in the KV cache
@@ -137,16 +142,13 @@ class PiTorchFrontendHopperBase:
         return bucket.length
 
     def prompt_ids(self, prompt, state) -> np.ndarray:
-        from flash_rt.models.pi_preprocess import validate_state  # noqa: PLC0415
-
+        """The prompt's token ids, exactly its length (a bucket per length: no padding)."""
         if state is None:
             raise InputError(
                 "Pi0.5 puts the robot state into the prompt: pass predict(images, prompt, state=...) "
                 "(a 1-D array of the robot's state values)"
             )
-        state = validate_state(state, self.config.state_dim, self.config.max_state_dim, "Pi0.5")
-        normalized = self.norm_stats.normalize_state(state) if self.norm_stats is not None else state
-        ids, mask = self.tokenizer.tokenize_pi05(prompt, normalized, self.config.max_token_len)
+        ids, mask = self.inputs.prompt_tokens(prompt, self.inputs.normalized_state(state))
         return ids[mask]
 
     # ------------------------------------------------------------------ inference
@@ -167,33 +169,23 @@ class PiTorchFrontendHopperBase:
         return self._postprocess(actions)
 
     def _load_observation(self, observation, noise):
-        from flash_rt.models.pi_preprocess import observation_images, resize_with_pad  # noqa: PLC0415
+        from flash_rt.models.pi_preprocess import IMAGE_KEYS, observation_images, resize_with_pad  # noqa: PLC0415
 
         # resize-with-pad on the host in uint8; the [-1, 1] scaling runs on the GPU, in the graph
         size = self.config.vision.image_size
+        keys = tuple(k for k in self.config.camera_keys if k not in IMAGE_KEYS)
+        keys = keys if len(keys) >= self.num_views else ()
         host = self.images_host.numpy()
-        for i, image in enumerate(observation_images(observation, self.num_views, self.config.camera_keys)):
+        for i, image in enumerate(observation_images(observation, self.num_views, keys)):
             host[i] = resize_with_pad(image, size)
-        if noise is None:
-            self.noise_host.numpy()[...] = self._rng.standard_normal(self.noise_host.shape, dtype=np.float32)
-        else:
-            noise = np.asarray(noise, dtype=np.float32)
-            if noise.shape != tuple(self.noise_host.shape):
-                raise InputError(
-                    f"noise must have shape (action_horizon, action_dim) = {tuple(self.noise_host.shape)} "
-                    f"(the model's padded action dim); got {noise.shape}"
-                )
-            self.noise_host.numpy()[...] = noise
+        self.noise_host.numpy()[...] = self.inputs.noise(noise, self._rng)
         self.pipeline.load_inputs(self.images_host, self.noise_host, self._state_input(observation))
 
     def _state_input(self, observation):
         return None  # Pi0.5: the state went into the prompt
 
     def _postprocess(self, actions: np.ndarray) -> np.ndarray:
-        dim = self.config.robot_action_dim or self.config.action_dim
-        if self.norm_stats is not None:
-            return self.norm_stats.unnormalize_actions(actions)[:, :dim]
-        return actions[:, :dim]
+        return self.inputs.actions(actions)
 
     # ------------------------------------------------------------------ buckets
     def warm_state_prompt_buckets(self, images, prompt, states) -> list[int]:

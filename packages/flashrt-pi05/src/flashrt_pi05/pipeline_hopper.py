@@ -603,9 +603,10 @@ class PaliGemmaHopperPipeline:
                     f"no finite activation amax for {lin.name} (got {value!r}); the calibration data "
                     "does not cover this pipeline: call recalibrate() to rebuild it"
                 )
-            scale = max(value, 1e-6) / FP8_MAX
+            # round the scale to fp32 first, so a scale reloaded from a cache gives the same bits
+            scale = float(np.float32(max(value, 1e-6) / FP8_MAX))
             lin.act_scale.fill_(scale)
-            lin.inv_act_scale.fill_(1.0 / scale)
+            lin.inv_act_scale.fill_(float(np.float32(1.0) / np.float32(scale)))
         self.calibrated = True
 
     def act_amax(self) -> dict[str, float]:
