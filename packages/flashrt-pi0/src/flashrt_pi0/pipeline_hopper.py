@@ -42,7 +42,13 @@ class Pi0HopperPipeline(PaliGemmaHopperPipeline):
         w, b = sd.take("action_out_proj.weight").float(), sd.take("action_out_proj.bias").float()
         self.action_out = self._lin("action_out", w * final[None, :] * self.dt, b * self.dt, dtype=f32)
         self.state = torch.zeros((self.config.max_state_dim,), device=self.device, dtype=f32)
-        self.state_x = torch.empty((1, e.width), device=self.device, dtype=f32)
+        # the state token's residual stream (allocated before the ops know their dtype: take fp32,
+        # re-typed in _allocate_buffers)
+        self.state_x = None
+
+    def _allocate_buffers(self):
+        super()._allocate_buffers()
+        self.state_x = torch.empty((1, self.config.expert.width), device=self.device, dtype=self.ops.residual_dtype)
 
     def _suffix_linears(self):
         return (self.action_time_out,)
@@ -58,15 +64,12 @@ class Pi0HopperPipeline(PaliGemmaHopperPipeline):
         self.state_x.copy_(self.ops.linear(self.state[None, :], self.state_proj))
         self.expert_layers(self.state_x, self.prefix_len(bucket), 0, stop_after_kv=True)
 
-    def expert_norm(self, x, step, layer, which):
-        return self.ops.rms_norm(x)
-
-    def expert_residual(self, x, y, step, layer, which):
-        self.ops.add_residual(x, y)
+    def expert_norm(self, x, step, layer, which, *, lin, y, gate):
+        return self.ops.rms_norm(x, lin=lin, y=y, gate=gate)
 
     def denoise_delta(self, bucket, step):
         ops, x = self.ops, self.suffix_x
         h = ops.silu(ops.linear(self.x_t, self.action_fused) + self.step_bias[step])
-        x.copy_(ops.linear(h.to(self.act_dtype), self.action_time_out))
-        self.expert_layers(x, self.prefix_len(bucket) + 1, step)
-        return ops.linear(ops.rms_norm(x).float(), self.action_out)
+        x.copy_(ops.linear(h, self.action_time_out))
+        y, gate = self.expert_layers(x, self.prefix_len(bucket) + 1, step)
+        return ops.linear(ops.rms_norm(x, lin=self.action_out, y=y, gate=gate), self.action_out)

@@ -1,20 +1,25 @@
 """The ops the Hopper pipeline is built from, behind one small interface.
 
-``TorchOps`` is plain PyTorch: cuBLAS GEMMs (``F.linear``), ``torch._scaled_mm`` for FP8 E4M3
-with per-tensor scales, SDPA for attention, elementwise torch for norms / RoPE / GeGLU. The same
-code runs on the CPU in fp32, which is how the pipeline's logic is tested against the reference
-without a GPU. Swapping an op for a compiled kernel (``flashrt_kernels``) is one override in a
-subclass; the pipeline never calls torch for compute except through an ``Ops`` object.
+The interface is shaped by the fusions a GPU wants, not by torch: a norm also adds the pending
+residual (``y``, optionally gated) and emits its output in the format the next GEMM reads (FP8 at
+that GEMM's static activation scale, or the activation dtype); RoPE splits a fused QKV row, rotates
+q and k and writes k / v straight into the KV cache; a GEMM may apply GELU and quantise for the GEMM
+after it. Two implementations:
 
-Conventions: the residual stream is fp32 (cheap: it is only read and written by norms and adds,
-and it keeps 18 bf16 layers from drifting); GEMM inputs and outputs are ``act_dtype`` (bf16 on
-the GPU, fp32 in CPU tests). An FP8 ``Linear`` quantises its input at a static per-tensor scale
-held in a device tensor, so calibration updates the scale in place and a captured graph sees it.
+* ``TorchOps`` - plain PyTorch: cuBLAS (``F.linear``), ``torch._scaled_mm`` for FP8 E4M3 with
+  per-tensor scales, SDPA, elementwise torch for the rest. Its residual stream is fp32. The same
+  code runs on the CPU in fp32, which is how the pipeline's logic is tested against the reference.
+* ``KernelOps`` (hopper_kernel_ops.py) - the compiled ``flashrt_kernels`` (fused norms with
+  FP8 out, RoPE + KV write, skinny GEMM for M <= 64, FA2-style attention); bf16 residual stream.
+
+``default_ops`` picks one; the pipeline never calls torch for compute except through an ops object.
+An FP8 ``Linear`` keeps its static input scale in a device tensor, so calibration updates it in place
+and every captured graph sees the new value.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +45,6 @@ class Linear:
     act_scale: torch.Tensor | None = None
     inv_act_scale: torch.Tensor | None = None
     amax: torch.Tensor | None = None
-    amax_history: list = field(default_factory=list)
 
     @property
     def fp8(self) -> bool:
@@ -49,6 +53,25 @@ class Linear:
     @property
     def out_features(self) -> int:
         return self.weight.shape[0]
+
+
+@dataclass
+class Modulation:
+    """adaRMS of one norm at one denoise step: y = rms(x) * (1 + scale) + shift, residual gate.
+    fp32 for TorchOps, bf16 copies for the kernels (views into precomputed tables)."""
+
+    one_plus_scale: torch.Tensor
+    shift: torch.Tensor
+    scale_bf16: torch.Tensor
+    shift_bf16: torch.Tensor
+
+
+@dataclass
+class Gate:
+    """The gate of a gated residual (x += y * gate), fp32 and bf16."""
+
+    f32: torch.Tensor
+    bf16: torch.Tensor
 
 
 def make_linear(name, weight, bias, *, act_dtype, device, fp8: bool) -> Linear:
@@ -71,69 +94,94 @@ def make_linear(name, weight, bias, *, act_dtype, device, fp8: bool) -> Linear:
 
 
 class TorchOps:
-    """Pure-torch implementations. ``calibrating`` switches FP8 linears to a dequantised
-    bf16 path that records each input's amax (eager only, never captured)."""
+    """Pure-torch implementations. ``calibrating`` switches FP8 linears to a dequantised path
+    that records each GEMM input's amax (eager only, never captured)."""
 
     name = "torch"
+    residual_dtype = torch.float32
 
     def __init__(self, act_dtype: torch.dtype):
         self.act_dtype = act_dtype
         self.calibrating = False
 
-    # GEMMs -----------------------------------------------------------------------------------
-    def linear(self, x: torch.Tensor, lin: Linear) -> torch.Tensor:
-        if not lin.fp8:
-            return F.linear(x, lin.weight, lin.bias)
-        if self.calibrating:
-            lin.amax.copy_(torch.maximum(lin.amax, x.detach().abs().amax().float()))
-            w = lin.weight.to(self.act_dtype) * lin.weight_scale.to(self.act_dtype)
-            return F.linear(x, w, lin.bias)
-        xq = self.quantize_fp8(x, lin.inv_act_scale)
-        return torch._scaled_mm(
-            xq, lin.weight.t(), scale_a=lin.act_scale, scale_b=lin.weight_scale, bias=lin.bias,
-            out_dtype=self.act_dtype,
-        )
+    # formats -------------------------------------------------------------------------------------
+    def to_input_of(self, h: torch.Tensor, lin: Linear | None) -> torch.Tensor:
+        """h (any float dtype) in the format ``lin`` reads: E4M3 at its act scale, else act_dtype."""
+        if lin is not None and lin.fp8:
+            if self.calibrating:
+                h = h.to(self.act_dtype)
+                lin.amax.copy_(torch.maximum(lin.amax, h.detach().abs().amax().float()))
+                return h
+            return (h.float() * lin.inv_act_scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        return h.to(self.act_dtype) if lin is None or lin.weight.dtype != torch.float32 else h.float()
 
-    def quantize_fp8(self, x: torch.Tensor, inv_scale: torch.Tensor) -> torch.Tensor:
-        return (x.float() * inv_scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    # GEMMs -----------------------------------------------------------------------------------
+    def linear(self, h: torch.Tensor, lin: Linear, *, act: str | None = None, out_for: Linear | None = None):
+        """h @ W^T + b (h in any format; quantised here when lin is FP8 and h is not), then
+        optionally GELU-tanh, returned in the format ``out_for`` reads (default act_dtype)."""
+        if lin.fp8 and h.dtype != torch.float8_e4m3fn:
+            h = self.to_input_of(h, lin)
+        elif not lin.fp8 and h.dtype != lin.weight.dtype:
+            h = h.to(lin.weight.dtype)
+        if not lin.fp8:
+            out = F.linear(h, lin.weight, lin.bias)
+        elif self.calibrating:
+            w = lin.weight.to(self.act_dtype) * lin.weight_scale.to(self.act_dtype)
+            out = F.linear(h, w, lin.bias)
+        else:
+            out = torch._scaled_mm(
+                h, lin.weight.t(), scale_a=lin.act_scale, scale_b=lin.weight_scale, bias=lin.bias,
+                out_dtype=self.act_dtype,
+            )
+        if act == "gelu_tanh":
+            out = F.gelu(out, approximate="tanh")
+        return out if out_for is None else self.to_input_of(out, out_for)
 
     # norms -------------------------------------------------------------------------------------
-    def rms_norm(self, x: torch.Tensor) -> torch.Tensor:
-        """x * rsqrt(mean(x^2) + eps) in fp32; the (1 + w) weight is folded into the next GEMM."""
-        x = x.float()
-        return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + RMS_EPS)).to(self.act_dtype)
+    def _residual(self, x, y, gate):
+        if y is not None:
+            if gate is None:
+                x.add_(y)
+            else:
+                x.addcmul_(y, gate.f32)
 
-    def ada_rms_norm(self, x: torch.Tensor, one_plus_scale: torch.Tensor, shift: torch.Tensor):
-        x = x.float()
-        normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + RMS_EPS)
-        return torch.addcmul(shift, normed, one_plus_scale).to(self.act_dtype)
+    def rms_norm(self, x, *, lin, y=None, gate=None, mod: Modulation | None = None):
+        """x += y (* gate) in place; rms(x) [* (1 + s) + t] in the format ``lin`` reads. The Gemma
+        (1 + w) weight is folded into lin's weights; adaRMS has none."""
+        self._residual(x, y, gate)
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + RMS_EPS)
+        if mod is not None:
+            normed = torch.addcmul(mod.shift, normed, mod.one_plus_scale)
+        return self.to_input_of(normed, lin)
 
-    def layer_norm(self, x: torch.Tensor) -> torch.Tensor:
-        """LayerNorm without affine; SigLIP's gamma / beta are folded into the next GEMM."""
-        return F.layer_norm(x.float(), (x.shape[-1],), eps=LAYER_NORM_EPS).to(self.act_dtype)
-
-    # residuals -----------------------------------------------------------------------------------
-    def add_residual(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        x.add_(y)
-
-    def add_gated_residual(self, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> None:
-        x.addcmul_(y, gate)
+    def layer_norm(self, x, *, lin, y=None):
+        """x += y; LayerNorm without affine (SigLIP's gamma / beta are folded into lin)."""
+        self._residual(x, y, None)
+        return self.to_input_of(F.layer_norm(x.float(), (x.shape[-1],), eps=LAYER_NORM_EPS), lin)
 
     # activations ---------------------------------------------------------------------------------
-    def gelu_tanh(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(x, approximate="tanh")
-
-    def geglu(self, gate_up: torch.Tensor) -> torch.Tensor:
+    def geglu(self, gate_up: torch.Tensor, *, out_for: Linear | None = None) -> torch.Tensor:
         """gelu_tanh(gate) * up for a fused [gate | up] GEMM output."""
         gate, up = gate_up.chunk(2, dim=-1)
-        return F.gelu(gate, approximate="tanh") * up
+        return self.to_input_of(F.gelu(gate, approximate="tanh") * up, out_for)
 
     def silu(self, x: torch.Tensor) -> torch.Tensor:
         return F.silu(x)
 
     # attention -----------------------------------------------------------------------------------
-    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Split-half rotation of x (T, H, D) at the positions whose cos / sin (T, D/2) are given."""
+    def rope_qkv(self, qkv, *, num_heads, k_cache, v_cache, start, cos, sin, positions):
+        """Split a fused q|k|v (T, (H + 2 Hkv) D), rotate q and k (split-half RoPE), write k / v into
+        the caches (rows, Hkv, D) at rows [start, start + T); returns q (T, H, D)."""
+        t = qkv.shape[0]
+        hkv, hd = k_cache.shape[1], k_cache.shape[2]
+        hq = num_heads * hd
+        q = self._rope(qkv[:, :hq].view(t, num_heads, hd), cos, sin)
+        k_cache[start : start + t].copy_(self._rope(qkv[:, hq : hq + hkv * hd].view(t, hkv, hd), cos, sin))
+        v_cache[start : start + t].copy_(qkv[:, hq + hkv * hd :].view(t, hkv, hd))
+        return q
+
+    def _rope(self, x, cos, sin):
         half = x.shape[-1] // 2
         x1, x2 = x[..., :half].float(), x[..., half:].float()
         c, s = cos[:, None, :], sin[:, None, :]
@@ -158,13 +206,23 @@ class TorchOps:
         out = F.scaled_dot_product_attention(qh, kh, vh)
         return out[0].transpose(0, 1).reshape(t, h * d)
 
-    def batched_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """SigLIP: independent images, (B, T, H, D) each; returns (B, T, H * D)."""
-        b, t, h, d = q.shape
+    def vision_attention(self, qkv: torch.Tensor, batch: int, tokens: int, heads: int) -> torch.Tensor:
+        """SigLIP: independent images; qkv (B * T, 3 W) -> (B * T, W)."""
+        width = qkv.shape[-1] // 3
+        hd = width // heads
+        q, k, v = qkv.view(batch, tokens, 3, heads, hd).unbind(2)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return out.transpose(1, 2).reshape(b, t, h * d)
+        return out.transpose(1, 2).reshape(batch * tokens, width)
 
 
-def default_ops(device: torch.device, act_dtype: torch.dtype) -> TorchOps:
-    """The ops the pipeline uses on ``device``. Compiled kernels plug in here when they land."""
-    return TorchOps(act_dtype)
+def default_ops(device: torch.device, act_dtype: torch.dtype, which: str = "auto"):
+    """The ops the pipeline uses on ``device``: "torch", "kernels", or "auto" (the compiled kernels
+    on a CUDA device where ``flashrt_kernels`` imports and passes its self-check, else torch)."""
+    if which == "torch" or device.type != "cuda":
+        return TorchOps(act_dtype)
+    from flashrt_pi05.hopper_kernel_ops import KernelOps, kernels_available  # noqa: PLC0415
+
+    if which == "kernels":
+        return KernelOps(act_dtype, device)
+    ok, _why = kernels_available(device)
+    return KernelOps(act_dtype, device) if ok else TorchOps(act_dtype)

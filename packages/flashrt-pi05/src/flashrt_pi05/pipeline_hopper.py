@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from flash_rt.errors import CalibrationError, ConfigError, InputError
-from flashrt_pi05.hopper_ops import FP8_MAX, Linear, default_ops, make_linear
+from flashrt_pi05.hopper_ops import FP8_MAX, Gate, Linear, Modulation, default_ops, make_linear
 
 VISION = "paligemma_with_expert.paligemma.model.vision_tower.vision_model."
 PROJECTOR = "paligemma_with_expert.paligemma.model.multi_modal_projector.linear."
@@ -79,9 +79,8 @@ class VisionLayer:
 
 @dataclass
 class GemmaLayer:
-    qkv: Linear | None  # None: last prefix layer, whose only product is its K/V
-    kv: Linear | None
-    o: Linear | None
+    qkv: Linear
+    o: Linear | None  # None (and the MLP too): the last prefix layer, whose only product is its K/V
     gate_up: Linear | None
     down: Linear | None
 
@@ -115,7 +114,7 @@ class PaliGemmaHopperPipeline:
         vision_pool_factor: int | None = None,
         vision_num_layers: int | None = None,
         max_prompt_len: int | None = None,
-        ops=None,
+        ops="auto",
         use_graphs: bool | None = None,
     ):
         self.config = config
@@ -138,7 +137,7 @@ class PaliGemmaHopperPipeline:
         self.vision_layers_used = int(vision_num_layers or vdims.depth)
         if not 1 <= self.vision_layers_used <= vdims.depth:
             raise ConfigError(f"vision_num_layers must be in [1, {vdims.depth}]; got {vision_num_layers!r}")
-        self.ops = ops or default_ops(self.device, self.act_dtype)
+        self.ops = default_ops(self.device, self.act_dtype, ops) if ops is None or isinstance(ops, str) else ops
         self.grid = grid
         self.tokens_per_view = (grid // self.pool) ** 2
         self.num_image_tokens = num_views * self.tokens_per_view
@@ -215,11 +214,11 @@ class PaliGemmaHopperPipeline:
             if i == d.depth - 1:  # only this layer's K/V are ever read (by the suffix)
                 for n in ("o_proj", "gate_proj", "up_proj", "down_proj"):
                     sd.skip(p + ("self_attn." if n == "o_proj" else "mlp.") + n + ".weight")
-                self.llm.append(GemmaLayer(None, self._lin(f"llm.{i}.kv", torch.cat([k, v])), None, None, None))
+                self.llm.append(GemmaLayer(self._lin(f"llm.{i}.qkv", torch.cat([q, k, v])), None, None, None))
                 continue
             gate_up = torch.cat([sd.take(p + "mlp.gate_proj.weight").float(), sd.take(p + "mlp.up_proj.weight").float()]) * w_post
             self.llm.append(GemmaLayer(
-                qkv=self._lin(f"llm.{i}.qkv", torch.cat([q, k, v])), kv=None,
+                qkv=self._lin(f"llm.{i}.qkv", torch.cat([q, k, v])),
                 o=self._lin(f"llm.{i}.o", sd.take(p + "self_attn.o_proj.weight")),
                 gate_up=self._lin(f"llm.{i}.gate_up", gate_up),
                 down=self._lin(f"llm.{i}.down", sd.take(p + "mlp.down_proj.weight")),
@@ -242,7 +241,7 @@ class PaliGemmaHopperPipeline:
             if w_in is not None:
                 qkv, gate_up = qkv * w_in, gate_up * w_post
             self.expert.append(GemmaLayer(
-                qkv=self._lin(f"expert.{i}.qkv", qkv), kv=None,
+                qkv=self._lin(f"expert.{i}.qkv", qkv),
                 o=self._lin(f"expert.{i}.o", sd.take(p + "self_attn.o_proj.weight")),
                 gate_up=self._lin(f"expert.{i}.gate_up", gate_up),
                 down=self._lin(f"expert.{i}.down", sd.take(p + "mlp.down_proj.weight")),
@@ -263,8 +262,11 @@ class PaliGemmaHopperPipeline:
         self.noise = torch.empty((self.horizon, c.action_dim), device=dev, dtype=f32)
         self.x_t = torch.empty_like(self.noise)
         self.actions = torch.empty_like(self.noise)
-        self.prefix_x = torch.empty((self.max_prefix, llm.width), device=dev, dtype=f32)
-        self.suffix_x = torch.empty((self.horizon, exp.width), device=dev, dtype=f32)
+        res = self.ops.residual_dtype  # fp32 with torch ops; bf16 with the compiled kernels
+        self.prefix_x = torch.empty((self.max_prefix, llm.width), device=dev, dtype=res)
+        self.suffix_x = torch.empty((self.horizon, exp.width), device=dev, dtype=res)
+        self.vision_x = torch.empty((self.num_views * c.vision.num_patches, c.vision.width), device=dev, dtype=res)
+        self.positions = torch.arange(self.max_total, device=dev, dtype=torch.int32)
         cache_shape = (llm.depth, self.max_total, llm.num_kv_heads, llm.head_dim)
         self.k_cache = torch.empty(cache_shape, device=dev, dtype=self.act_dtype)
         self.v_cache = torch.empty(cache_shape, device=dev, dtype=self.act_dtype)
@@ -277,7 +279,8 @@ class PaliGemmaHopperPipeline:
             self.ids_host = torch.empty((self.max_prompt_len,), dtype=torch.int64)
 
     def buffer_bytes(self) -> int:
-        bufs = [self.images, self.noise, self.x_t, self.actions, self.prefix_x, self.suffix_x, self.k_cache, self.v_cache]
+        bufs = [self.images, self.noise, self.x_t, self.actions, self.prefix_x, self.suffix_x, self.vision_x,
+                self.k_cache, self.v_cache]
         return sum(b.numel() * b.element_size() for b in bufs)
 
     # ------------------------------------------------------------------ stages (eager = capture)
@@ -291,19 +294,21 @@ class PaliGemmaHopperPipeline:
         p, g = v.patch_size, self.grid
         pixels = self.images.float() / 255.0 * 2.0 - 1.0
         patches = pixels.reshape(nv, g, p, g, p, 3).permute(0, 1, 3, 5, 2, 4).reshape(nv * g * g, 3 * p * p)
-        x = ops.linear(patches.to(self.act_dtype), self.patch_embed).float() + self.vision_pos
-        heads, hd = v.num_heads, v.width // v.num_heads
+        x = self.vision_x
+        x.copy_(ops.linear(patches.to(self.act_dtype), self.patch_embed).float() + self.vision_pos)
+        y = None  # the pending residual: each norm adds the previous block's output first
         for layer in self.vision:
-            qkv = ops.linear(ops.layer_norm(x), layer.qkv).view(nv, g * g, 3, heads, hd)
-            attn = ops.batched_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]).reshape(nv * g * g, v.width)
-            ops.add_residual(x, ops.linear(attn, layer.o))
-            ops.add_residual(x, ops.linear(ops.gelu_tanh(ops.linear(ops.layer_norm(x), layer.fc1)), layer.fc2))
-        tokens = ops.linear(ops.layer_norm(x), self.projector)
-        if self.pool > 1:
-            grid = tokens.float().view(nv, g, g, -1).permute(0, 3, 1, 2)
+            qkv = ops.linear(ops.layer_norm(x, lin=layer.qkv, y=y), layer.qkv)
+            attn = ops.vision_attention(qkv, nv, g * g, v.num_heads)
+            y = ops.linear(attn, layer.o)
+            h = ops.layer_norm(x, lin=layer.fc1, y=y)
+            y = ops.linear(ops.linear(h, layer.fc1, act="gelu_tanh", out_for=layer.fc2), layer.fc2)
+        h = ops.layer_norm(x, lin=self.projector, y=y)
+        if self.pool > 1:  # average f x f patches of each image's grid (after the norm, as the reference)
+            grid = h.float().view(nv, g, g, -1).permute(0, 3, 1, 2)
             pooled = torch.nn.functional.avg_pool2d(grid, self.pool)
-            tokens = pooled.permute(0, 2, 3, 1).reshape(self.num_image_tokens, -1)
-        self.prefix_x[: self.num_image_tokens].copy_(tokens)
+            h = pooled.permute(0, 2, 3, 1).reshape(self.num_image_tokens, -1).to(self.act_dtype)
+        self.prefix_x[: self.num_image_tokens].copy_(ops.linear(h, self.projector))
 
     @torch.no_grad()
     def run_prefix(self, bucket: Bucket):
@@ -312,53 +317,48 @@ class PaliGemmaHopperPipeline:
         n_img, n = self.num_image_tokens, self.prefix_len(bucket)
         x = self.prefix_x[:n]
         x[n_img:].copy_(torch.nn.functional.embedding(bucket.ids, self.embed).float() * self.embed_scale)
-        cos, sin = self.rope_cos[:n], self.rope_sin[:n]
-        hq, hkv, hd = d.num_heads * d.head_dim, d.num_kv_heads, d.head_dim
+        y = None
         for i, layer in enumerate(self.llm):
-            h = ops.rms_norm(x)
-            if layer.qkv is None:
-                kv = ops.linear(h, layer.kv)
-                self.k_cache[i, :n].copy_(ops.rope(kv[:, : hkv * hd].view(n, hkv, hd), cos, sin))
-                self.v_cache[i, :n].copy_(kv[:, hkv * hd :].view(n, hkv, hd))
-                continue
-            q = self._write_kv(ops.linear(h, layer.qkv), i, 0, n, cos, sin, hq)
-            attn = ops.attention(q, self.k_cache[i, :n], self.v_cache[i, :n])
-            ops.add_residual(x, ops.linear(attn, layer.o))
-            ops.add_residual(x, ops.linear(ops.geglu(ops.linear(ops.rms_norm(x), layer.gate_up)), layer.down))
+            h = ops.rms_norm(x, lin=layer.qkv, y=y)
+            q = self._rope_qkv(ops.linear(h, layer.qkv), i, 0, n, d.num_heads)
+            if layer.o is None:  # last layer: only its K/V are ever read (by the suffix)
+                break
+            y = ops.linear(ops.attention(q, self.k_cache[i, :n], self.v_cache[i, :n]), layer.o)
+            h = ops.rms_norm(x, lin=layer.gate_up, y=y)
+            y = ops.linear(ops.geglu(ops.linear(h, layer.gate_up), out_for=layer.down), layer.down)
 
-    def _write_kv(self, qkv, layer, start, n, cos, sin, hq):
-        """Split a fused q|k|v, rotate q and k, write k/v into the cache at [start, start+n); return q."""
-        d = self.config.expert
-        hkv, hd = d.num_kv_heads, d.head_dim
-        q = self.ops.rope(qkv[:, :hq].view(n, hq // hd, hd), cos, sin)
-        self.k_cache[layer, start : start + n].copy_(self.ops.rope(qkv[:, hq : hq + hkv * hd].view(n, hkv, hd), cos, sin))
-        self.v_cache[layer, start : start + n].copy_(qkv[:, hq + hkv * hd :].view(n, hkv, hd))
-        return q
+    def _rope_qkv(self, qkv, layer, start, n, num_heads):
+        return self.ops.rope_qkv(
+            qkv, num_heads=num_heads, k_cache=self.k_cache[layer], v_cache=self.v_cache[layer], start=start,
+            cos=self.rope_cos[start : start + n], sin=self.rope_sin[start : start + n],
+            positions=self.positions[start : start + n],
+        )
 
     def expert_layers(self, x, start, step, *, stop_after_kv=False):
-        """The expert over suffix tokens x (fp32, in place) at cache positions [start, start+T),
-        attending to the whole cache [0, start+T). ``step`` selects the per-step modulation."""
+        """The expert over suffix tokens x (residual stream, in place) at cache positions
+        [start, start+T), attending to the whole cache [0, start+T). ``step`` selects the per-step
+        modulation. Returns the pending (output, gate) of the last block, for the final norm."""
         ops, d = self.ops, self.config.expert
-        t = x.shape[0]
-        end = start + t
-        cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
-        hq = d.num_heads * d.head_dim
+        end = start + x.shape[0]
         last = len(self.expert) - 1
+        y = gate = None
         for i, layer in enumerate(self.expert):
-            h = self.expert_norm(x, step, i, 0)
-            q = self._write_kv(ops.linear(h, layer.qkv), i, start, t, cos, sin, hq)
+            h = self.expert_norm(x, step, i, 0, lin=layer.qkv, y=y, gate=gate)
+            q = self._rope_qkv(ops.linear(h, layer.qkv), i, start, x.shape[0], d.num_heads)
             if stop_after_kv and i == last:
-                return
-            attn = ops.attention(q, self.k_cache[i, :end], self.v_cache[i, :end])
-            self.expert_residual(x, ops.linear(attn, layer.o), step, i, 0)
-            h = self.expert_norm(x, step, i, 1)
-            self.expert_residual(x, ops.linear(ops.geglu(ops.linear(h, layer.gate_up)), layer.down), step, i, 1)
+                return None, None
+            y = ops.linear(ops.attention(q, self.k_cache[i, :end], self.v_cache[i, :end]), layer.o)
+            h = self.expert_norm(x, step, i, 1, lin=layer.gate_up, y=y, gate=self.expert_gate(step, i, 0))
+            y = ops.linear(ops.geglu(ops.linear(h, layer.gate_up), out_for=layer.down), layer.down)
+            gate = self.expert_gate(step, i, 1)
+        return y, gate
 
-    def expert_norm(self, x, step, layer, which):
+    def expert_norm(self, x, step, layer, which, *, lin, y, gate):
         raise NotImplementedError
 
-    def expert_residual(self, x, y, step, layer, which):
-        raise NotImplementedError
+    def expert_gate(self, step, layer, which):
+        """The residual gate after block ``which`` of ``layer`` (None: a plain residual)."""
+        return None
 
     def run_after_prefix(self, bucket: Bucket):
         """Hook between the prefix and the denoise loop (Pi0: its state token)."""
@@ -654,12 +654,16 @@ class Pi05HopperPipeline(PaliGemmaHopperPipeline):
                 dense(p + "post_attention_layernorm.dense", cond).view(len(times), 3, d.width),
             ], dim=1))  # (steps, 2, 3, W)
         mod = torch.stack(mods, dim=1)  # (steps, layers, 2, 3, W): scale, shift, gate
+        final = dense(EXPERT + "norm.dense", cond).view(len(times), 3, d.width)
+        bf16 = torch.bfloat16
+        # fp32 (torch ops: y = addcmul(shift, rms, 1 + scale)) and bf16 (kernels take scale, shift, gate)
         self.ada_one_plus_scale = (1.0 + mod[:, :, :, 0]).contiguous()
         self.ada_shift = mod[:, :, :, 1].contiguous()
         self.ada_gate = mod[:, :, :, 2].contiguous()
-        final = dense(EXPERT + "norm.dense", cond).view(len(times), 3, d.width)
+        self.ada_bf16 = mod.to(bf16).contiguous()
         self.final_one_plus_scale = (1.0 + final[:, 0]).contiguous()
         self.final_shift = final[:, 1].contiguous()
+        self.final_bf16 = final.to(bf16).contiguous()
 
     def _prepare_suffix(self, sd):
         f32 = torch.float32  # tiny GEMMs touching x_t stay in fp32
@@ -667,18 +671,22 @@ class Pi05HopperPipeline(PaliGemmaHopperPipeline):
         w, b = sd.take("action_out_proj.weight").float(), sd.take("action_out_proj.bias").float()
         self.action_out = self._lin("action_out", w * self.dt, b * self.dt, dtype=f32)
 
-    def expert_norm(self, x, step, layer, which):
-        return self.ops.ada_rms_norm(x, self.ada_one_plus_scale[step, layer, which], self.ada_shift[step, layer, which])
+    def expert_norm(self, x, step, layer, which, *, lin, y, gate):
+        mod = Modulation(self.ada_one_plus_scale[step, layer, which], self.ada_shift[step, layer, which],
+                         self.ada_bf16[step, layer, which, 0], self.ada_bf16[step, layer, which, 1])
+        return self.ops.rms_norm(x, lin=lin, y=y, gate=gate, mod=mod)
 
-    def expert_residual(self, x, y, step, layer, which):
-        self.ops.add_gated_residual(x, y, self.ada_gate[step, layer, which])
+    def expert_gate(self, step, layer, which):
+        return Gate(self.ada_gate[step, layer, which], self.ada_bf16[step, layer, which, 2])
 
     def denoise_delta(self, bucket, step):
         x = self.suffix_x
         x.copy_(self.ops.linear(self.x_t, self.action_in))
-        self.expert_layers(x, self.prefix_len(bucket), step)
-        h = self.ops.ada_rms_norm(x, self.final_one_plus_scale[step], self.final_shift[step])
-        return self.ops.linear(h.float(), self.action_out)
+        y, gate = self.expert_layers(x, self.prefix_len(bucket), step)
+        final = Modulation(self.final_one_plus_scale[step], self.final_shift[step], self.final_bf16[step, 0],
+                           self.final_bf16[step, 1])
+        h = self.ops.rms_norm(x, lin=self.action_out, y=y, gate=gate, mod=final)
+        return self.ops.linear(h, self.action_out)
 
 
 class _StateDict:
