@@ -77,14 +77,41 @@ def _pipeline(config, ref, num_views, precision, **kwargs):
     )
 
 
+def test_kernel_ops_self_check():
+    """Which ops the pipeline runs on ("auto"): the compiled kernels if they pass this check."""
+    from flashrt_pi05.hopper_kernel_ops import kernels_available, self_check
+
+    ok, why = kernels_available(torch.device("cuda"))
+    metrics = {"kernels_used": ok, "why": why}
+    try:
+        metrics["self_check_cos"] = self_check(torch.device("cuda"))
+    except Exception as exc:  # not installed / broken: reported, the torch ops are used instead
+        metrics["self_check_error"] = f"{type(exc).__name__}: {exc}"
+    _report("kernel_ops", metrics)
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])
 @pytest.mark.parametrize("num_views", [1, 2, 3])
 def test_true_size_matches_fp32_reference(true_size, num_views, precision):
+    _true_size_case(true_size, num_views, precision, "auto")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_true_size_torch_ops_too(true_size, precision):
+    """When "auto" picked the compiled kernels, the torch ops must hold the same bars."""
+    from flashrt_pi05.hopper_kernel_ops import kernels_available
+
+    if not kernels_available(torch.device("cuda"))[0]:
+        pytest.skip("auto already runs the torch ops (test_true_size_matches_fp32_reference)")
+    _true_size_case(true_size, 2, precision, "torch")
+
+
+def _true_size_case(true_size, num_views, precision, ops):
     config, ref = true_size
     n = PROMPT_LEN[config.model_type]
     inputs = ht.random_inputs(config, num_views, n, seed=num_views, device="cuda")
     want = ht.run_reference(ref, config, inputs)
-    pipe = _pipeline(config, ref, num_views, precision)
+    pipe = _pipeline(config, ref, num_views, precision, ops=ops)
     try:
         if precision == "fp8":  # static scales from ANOTHER observation of the same prompt length
             ht.load_pipeline_inputs(pipe, config, ht.random_inputs(config, num_views, n, seed=100 + num_views, device="cuda"))
@@ -94,7 +121,7 @@ def test_true_size_matches_fp32_reference(true_size, num_views, precision):
         actions = torch.from_numpy(pipe.infer())  # capture + replay of the whole call
         assert "full" in bucket.graphs
         m = {
-            "model": config.model_type, "views": num_views, "precision": precision,
+            "model": config.model_type, "views": num_views, "precision": precision, "ops": pipe.ops.name,
             "actions_cos": ht.cosine(actions, want["actions"]),
             "actions_max_abs_err": ht.max_abs_err(actions, want["actions"]),
             "actions_rel_err": ht.rel_err(actions, want["actions"]),

@@ -65,6 +65,9 @@ def add_bench_parser(subparsers) -> None:
     )
     p.add_argument("--compile-views", default="2", help="view counts of the compiled baseline (each compiles anew)")
     p.add_argument("--compile-budget-s", type=float, default=420.0, help="wall budget of the compiled baseline")
+    p.add_argument("--ops", default="auto",
+                   help="comma-separated op sets of the fast path: auto (compiled kernels when they pass their "
+                        "self-check, else torch), torch, kernels")
     p.add_argument("--knobs", action="store_true", help="also measure vision_pool_factor / vision_num_layers / cache_frames")
     p.add_argument("--num-steps", type=int, default=None)
     p.add_argument("--state-dim", type=int, default=8, help="robot state dims (Pi0.5: discretised into the prompt)")
@@ -353,21 +356,25 @@ def run_bench(args) -> int:
         cases[views] = SimpleNamespace(sets=sets, ref_in=ref_in, truth=truth, held_out=held_out,
                                        prompt_tokens=prompt_tokens)
 
-    for precision in precisions:
-        for views in views_list:
-            iters = max(args.iters, args.p99_iters) if views == headline_views else args.iters
-            try:
-                entry = _bench_fast_path(args, config, frontend_cls, checkpoint, VLAModel, views, precision,
-                                         cases[views], num_steps, iters, memory_calls if views == headline_views else 0)
-            except Exception as exc:  # one broken case is reported, the others still run
-                import traceback  # noqa: PLC0415
+    ops_list = [o.strip() for o in args.ops.split(",") if o.strip()]
+    for ops in ops_list:
+        for precision in precisions:
+            for views in views_list:
+                iters = max(args.iters, args.p99_iters) if views == headline_views else args.iters
+                try:
+                    entry = _bench_fast_path(args, config, frontend_cls, checkpoint, VLAModel, views, precision,
+                                             cases[views], num_steps, iters,
+                                             memory_calls if views == headline_views else 0, ops)
+                except Exception as exc:  # one broken case is reported, the others still run
+                    import traceback  # noqa: PLC0415
 
-                traceback.print_exc()
-                entry = {"views": views, "precision": precision, "error": f"{type(exc).__name__}: {exc}"[:2000]}
-                _free()
-            results.doc["results"].append(entry)
-            results.write()
-            _print_entry(entry)
+                    traceback.print_exc()
+                    entry = {"views": views, "precision": precision, "ops_requested": ops,
+                             "error": f"{type(exc).__name__}: {exc}"[:2000]}
+                    _free()
+                results.doc["results"].append(entry)
+                results.write()
+                _print_entry(entry)
 
     ref_bf16 = None
     if not args.no_eager or compile_views:
@@ -396,7 +403,7 @@ def run_bench(args) -> int:
 
 
 def _bench_fast_path(args, config, frontend_cls, checkpoint, vla_model_cls, views, precision, case, num_steps, iters,
-                     memory_calls):
+                     memory_calls, ops="auto"):
     from flash_rt.models.paligemma_tokenizer import STANDIN_TOKENIZER  # noqa: PLC0415
 
     _free()
@@ -405,7 +412,7 @@ def _bench_fast_path(args, config, frontend_cls, checkpoint, vla_model_cls, view
     _reset_peak()
     t0 = time.perf_counter()
     frontend = frontend_cls(checkpoint, num_views=views, use_fp8=precision == "fp8", num_steps=num_steps,
-                            tokenizer=str(STANDIN_TOKENIZER), autotune=3)
+                            tokenizer=str(STANDIN_TOKENIZER), autotune=3, ops=ops)
     build_s = time.perf_counter() - t0
     model = vla_model_cls(frontend, framework="torch", config=config.model_type, arch="hopper")
     pipe = frontend.pipeline
@@ -479,7 +486,9 @@ def _bench_fast_path(args, config, frontend_cls, checkpoint, vla_model_cls, view
         args.knobs and views == 2) else []
     p = _percentiles(wall)
     entry = {
-        "views": views, "precision": precision, "prompt_tokens": bucket.length, "prefix_tokens": prefix_tokens,
+        "views": views, "precision": precision, "ops": pipe.ops.name, "ops_requested": ops,
+        "kernels_fallback_reason": pipe.ops.fallback_reason,
+        "prompt_tokens": bucket.length, "prefix_tokens": prefix_tokens,
         "wall_ms": p, "replay_ms": replay, "stages_ms": stages, "stage_sum_ms": sum(stages.values()),
         "achieved": achieved, "cosine_vs_fp32": cos, "max_abs_err_vs_fp32": max_err,
         "cosine_vs_fp32_calibration_observation": cos_calib,
@@ -621,7 +630,7 @@ def _speedups(doc):
     for r in doc["results"]:
         if "error" in r:
             continue
-        row = {"views": r["views"], "precision": r["precision"], "p50_ms": r["wall_ms"]["p50"]}
+        row = {"views": r["views"], "precision": r["precision"], "ops": r["ops"], "p50_ms": r["wall_ms"]["p50"]}
         for b in doc["baselines"]:
             if b.get("views") == r["views"] and "wall_ms" in b:
                 key = "vs_compile" if "compile" in b["name"] else "vs_eager"
@@ -635,7 +644,7 @@ def _print_entry(e):
         print(f"  {e['precision']:<4} views {e['views']}: FAILED: {e['error']}", flush=True)
         return
     st = e["stages_ms"]
-    print(f"  {e['precision']:<4} views {e['views']}: predict p50 {e['wall_ms']['p50']:.3f} ms p99 {e['wall_ms']['p99']:.3f}"
+    print(f"  {e['precision']:<4} {e['ops']:<7} views {e['views']}: predict p50 {e['wall_ms']['p50']:.3f} ms p99 {e['wall_ms']['p99']:.3f}"
           f" | replay {e['replay_ms']['p50']:.3f} | vision {st['vision']:.3f} prefix {st['prefix']:.3f} denoise "
           f"{st['denoise']:.3f} | cos {e['cosine_vs_fp32']:.6f} | peak {e['peak_mem_gb']:.2f} GiB"
           f" | p99 check {'ok' if e['p99_check']['pass'] else 'FAIL'} | mem growth {e['memory_growth']['gpu_bytes']} B")
@@ -644,23 +653,23 @@ def _print_entry(e):
 def _print_table(doc):
     print()
     print(f"{doc['model']} on {doc['device']} ({doc['date']}, commit {doc['commit']})")
-    head = f"{'views':>5} {'prec':>5} {'p50 ms':>8} {'p99 ms':>8} {'replay':>8} {'vision':>8} {'prefix':>8} {'denoise':>8} {'cosine':>9} {'peak GiB':>8} {'x eager':>8} {'x compile':>9}"
+    head = f"{'views':>5} {'prec':>5} {'ops':>7} {'p50 ms':>8} {'p99 ms':>8} {'replay':>8} {'vision':>8} {'prefix':>8} {'denoise':>8} {'cosine':>9} {'peak GiB':>8} {'x eager':>8} {'x compile':>9}"
     print(head)
     print("-" * len(head))
-    speed = {(s["views"], s["precision"]): s for s in doc["speedups"]}
+    speed = {(s["views"], s["precision"], s["ops"]): s for s in doc["speedups"]}
     for r in doc["results"]:
         if "error" in r:
             print(f"{r['views']:>5} {r['precision']:>5}  FAILED: {r['error'][:150]}")
             continue
-        s = speed.get((r["views"], r["precision"]), {})
+        s = speed.get((r["views"], r["precision"], r["ops"]), {})
         st = r["stages_ms"]
-        print(f"{r['views']:>5} {r['precision']:>5} {r['wall_ms']['p50']:>8.3f} {r['wall_ms']['p99']:>8.3f} "
+        print(f"{r['views']:>5} {r['precision']:>5} {r['ops']:>7} {r['wall_ms']['p50']:>8.3f} {r['wall_ms']['p99']:>8.3f} "
               f"{r['replay_ms']['p50']:>8.3f} {st['vision']:>8.3f} {st['prefix']:>8.3f} {st['denoise']:>8.3f} "
               f"{r['cosine_vs_fp32']:>9.6f} {r['peak_mem_gb']:>8.2f} {s.get('vs_eager', float('nan')):>8.1f} "
               f"{s.get('vs_compile', float('nan')):>9.1f}")
     for b in doc["baselines"]:
         if "wall_ms" in b:
-            print(f"{b['views']:>5} {'base':>5} {b['wall_ms']['p50']:>8.3f} {b['wall_ms']['p99']:>8.3f}  {b['name']}"
+            print(f"{b['views']:>5} {'base':>5} {'':>7} {b['wall_ms']['p50']:>8.3f} {b['wall_ms']['p99']:>8.3f}  {b['name']}"
                   f"  cos {b['cosine_vs_fp32']:.6f}")
         else:
             print(f"{str(b['views']):>5} {'base':>5}  {b['name']}: {b.get('status')} {b.get('error', '')}")
@@ -679,7 +688,7 @@ def _plot(doc, path):
     for r in doc["results"]:
         if "error" in r:
             continue
-        labels.append(f"{r['precision']}\n{r['views']}v")
+        labels.append(f"{r['precision']} {r['ops']}\n{r['views']}v")
         st = r["stages_ms"]
         for k in ("vision", "prefix", "denoise"):
             parts[k].append(st[k])

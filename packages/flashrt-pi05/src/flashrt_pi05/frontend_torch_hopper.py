@@ -51,6 +51,7 @@ class PiTorchFrontendHopperBase:
         use_fp4: bool = False,
         use_awq: bool | None = None,
         fp4_layers=None,
+        ops: str = "auto",
     ):
         for option, value in (("use_fp4=True", use_fp4), ("use_awq=True", use_awq), ("fp4_layers", fp4_layers)):
             if value:
@@ -80,7 +81,7 @@ class PiTorchFrontendHopperBase:
         }
         self.pipeline = self.pipeline_class()(
             ckpt.state_dict, self.config, num_views=num_views, num_steps=num_steps, use_fp8=use_fp8,
-            device=self.device, vision_pool_factor=vision_pool_factor, vision_num_layers=vision_num_layers,
+            device=self.device, vision_pool_factor=vision_pool_factor, vision_num_layers=vision_num_layers, ops=ops,
         )
         del ckpt
         from flash_rt.models.pi_preprocess import PiInputs  # noqa: PLC0415

@@ -99,6 +99,8 @@ class TorchOps:
 
     name = "torch"
     residual_dtype = torch.float32
+    fallback_reason = None  # why the compiled kernels are not in use, when they were wanted
+    autotune = 0
 
     def __init__(self, act_dtype: torch.dtype):
         self.act_dtype = act_dtype
@@ -218,11 +220,22 @@ class TorchOps:
 def default_ops(device: torch.device, act_dtype: torch.dtype, which: str = "auto"):
     """The ops the pipeline uses on ``device``: "torch", "kernels", or "auto" (the compiled kernels
     on a CUDA device where ``flashrt_kernels`` imports and passes its self-check, else torch)."""
+    import os  # noqa: PLC0415
+
+    which = os.environ.get("FLASHRT_HOPPER_OPS", which) if which == "auto" else which
+    if which not in ("auto", "torch", "kernels"):
+        from flash_rt.errors import ConfigError  # noqa: PLC0415
+
+        raise ConfigError(f"ops must be 'auto', 'torch' or 'kernels' (env FLASHRT_HOPPER_OPS); got {which!r}")
     if which == "torch" or device.type != "cuda":
         return TorchOps(act_dtype)
     from flashrt_pi05.hopper_kernel_ops import KernelOps, kernels_available  # noqa: PLC0415
 
     if which == "kernels":
         return KernelOps(act_dtype, device)
-    ok, _why = kernels_available(device)
-    return KernelOps(act_dtype, device) if ok else TorchOps(act_dtype)
+    ok, why = kernels_available(device)
+    if ok:
+        return KernelOps(act_dtype, device)
+    ops = TorchOps(act_dtype)
+    ops.fallback_reason = why  # reported by `flashrt bench` and the frontend
+    return ops

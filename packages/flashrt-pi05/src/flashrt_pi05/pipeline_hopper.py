@@ -514,9 +514,11 @@ class PaliGemmaHopperPipeline:
             return sdpa_kernel(self._sdpa_backends)
 
     def autotune_attention(self, level: int) -> str:
-        """autotune >= 3: time SDPA's backends at this pipeline's prefix shape, keep the fastest."""
-        if not self.is_cuda or level < 3:
-            return "default"
+        """autotune >= 3: GEMM plans are timed (compiled kernels: before each capture) and SDPA's
+        backends are timed at this pipeline's prefix shape, the fastest kept (torch ops)."""
+        self.ops.autotune = level
+        if not self.is_cuda or level < 3 or self.ops.name != "torch":
+            return "default" if self.ops.name == "torch" else self.ops.name
         from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: PLC0415
 
         d = self.config.paligemma

@@ -1,0 +1,285 @@
+"""``KernelOps``: the Hopper pipeline's ops on the compiled ``flashrt_kernels``.
+
+Same interface and semantics as ``TorchOps`` (hopper_ops.py), with the fusions the kernels offer:
+residual add + (ada)RMSNorm / LayerNorm + FP8 quantisation in one pass, RoPE + QKV split + KV-cache
+write in one pass, GeGLU with FP8 out, cuBLASLt GEMMs (bf16 / FP8, GELU epilogue, plan cache,
+autotune) and the weight-streaming skinny GEMM for the expert's 50 rows, FA2-style attention with
+split-KV for the suffix's few queries against the cached prefix. The residual stream is bf16 (the
+kernels round it to bf16, as openpi's bf16 models do).
+
+Everything the kernels do not cover (fp32 heads, odd sizes such as SigLIP's 588-wide patch GEMM,
+the calibration pass) falls back to the torch implementation. ``kernels_available`` imports the
+module, checks it was built for this GPU, and runs a self-check of every op against torch on
+random data once per process: the pipeline uses the kernels only if all of that passes, so a
+broken build costs speed, never correctness.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flashrt_pi05.hopper_ops import TorchOps
+
+WORKSPACE_BYTES = 32 << 20
+SKINNY_MAX_M = 64
+_CHECK: dict = {}
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+class KernelOps(TorchOps):
+    name = "kernels"
+    residual_dtype = torch.bfloat16
+
+    def __init__(self, act_dtype: torch.dtype, device: torch.device, autotune: int = 0):
+        if act_dtype != torch.bfloat16:
+            raise ValueError(f"KernelOps computes in bf16; got act_dtype {act_dtype}")
+        super().__init__(act_dtype)
+        import flashrt_kernels  # noqa: PLC0415
+
+        self.fk = flashrt_kernels
+        self.device = device
+        self.autotune = autotune
+        self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        lse, acc = flashrt_kernels.attention_splitkv_sizes(1, SKINNY_MAX_M, 16, 256)
+        self.lse_accum = torch.empty(lse, dtype=torch.float32, device=device)
+        self.o_accum = torch.empty(acc, dtype=torch.float32, device=device)
+
+    @staticmethod
+    def _stream() -> int:
+        return torch.cuda.current_stream().cuda_stream
+
+    # formats -------------------------------------------------------------------------------------
+    def to_input_of(self, h, lin):
+        if self.calibrating or lin is None or not lin.fp8 or h.dtype != torch.bfloat16 or not h.is_contiguous():
+            return super().to_input_of(h, lin)
+        out = torch.empty(h.shape, dtype=torch.float8_e4m3fn, device=h.device)
+        self.fk.quantize_fp8(h.data_ptr(), out.data_ptr(), h.numel(), lin.act_scale.data_ptr(), stream=self._stream())
+        return out
+
+    # GEMMs -----------------------------------------------------------------------------------
+    def linear(self, h, lin, *, act=None, out_for=None):
+        n, k = lin.weight.shape
+        mult = 16 if lin.fp8 else 8
+        if self.calibrating or lin.weight.dtype == torch.float32 or h.dim() != 2 or k % mult or n % mult:
+            return super().linear(h, lin, act=act, out_for=out_for)
+        if lin.fp8 and h.dtype != torch.float8_e4m3fn:
+            h = self.to_input_of(h, lin)
+        elif not lin.fp8 and h.dtype != torch.bfloat16:
+            h = h.to(torch.bfloat16)
+        h = h.contiguous()
+        m = h.shape[0]
+        out = torch.empty((m, n), dtype=torch.bfloat16, device=h.device)
+        dtype = "fp8" if lin.fp8 else "bf16"
+        scales = dict(x_scale=_ptr(lin.act_scale), w_scale=_ptr(lin.weight_scale)) if lin.fp8 else {}
+        if m <= SKINNY_MAX_M and act is None:
+            self.fk.skinny_gemm(h.data_ptr(), lin.weight.data_ptr(), out.data_ptr(), m, n, k, bias=_ptr(lin.bias),
+                                dtype=dtype, stream=self._stream(), **scales)
+        else:
+            self.fk.gemm(h.data_ptr(), lin.weight.data_ptr(), out.data_ptr(), m, n, k,
+                         workspace=self.workspace.data_ptr(), workspace_size=WORKSPACE_BYTES, dtype=dtype,
+                         bias=_ptr(lin.bias), epilogue="gelu_tanh" if act == "gelu_tanh" else "none",
+                         autotune=self.autotune, stream=self._stream(), **scales)
+        return out if out_for is None else self.to_input_of(out, out_for)
+
+    # norms -------------------------------------------------------------------------------------
+    def _norm_out(self, x, lin):
+        fp8 = lin is not None and lin.fp8
+        out = torch.empty(x.shape, dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16, device=x.device)
+        return out, (lin.act_scale.data_ptr() if fp8 else 0)
+
+    def _kernel_norm_ok(self, x, y):
+        return (not self.calibrating and x.dtype == torch.bfloat16 and x.is_contiguous() and x.shape[-1] % 8 == 0
+                and (y is None or (y.dtype == torch.bfloat16 and y.is_contiguous())))
+
+    def rms_norm(self, x, *, lin, y=None, gate=None, mod=None):
+        if not self._kernel_norm_ok(x, y):
+            return super().rms_norm(x, lin=lin, y=y, gate=gate, mod=mod)
+        out, out_scale = self._norm_out(x, lin)
+        rows, hidden = x.shape
+        common = dict(weight_offset=0.0, out_scale=out_scale, mod_scale=_ptr(mod.scale_bf16) if mod else 0,
+                      mod_shift=_ptr(mod.shift_bf16) if mod else 0, stream=self._stream())
+        if y is None:
+            self.fk.rms_norm(x.data_ptr(), 0, out.data_ptr(), rows, hidden, **common)
+        else:
+            self.fk.add_rms_norm(y.data_ptr(), x.data_ptr(), 0, out.data_ptr(), rows, hidden,
+                                 gate=_ptr(gate.bf16) if gate is not None else 0, **common)
+        return out if lin is None or lin.weight.dtype != torch.float32 else out.float()
+
+    def layer_norm(self, x, *, lin, y=None):
+        if not self._kernel_norm_ok(x, y):
+            return super().layer_norm(x, lin=lin, y=y)
+        out, out_scale = self._norm_out(x, lin)
+        rows, hidden = x.shape
+        if y is None:
+            self.fk.layer_norm(x.data_ptr(), 0, 0, out.data_ptr(), rows, hidden, out_scale=out_scale,
+                               stream=self._stream())
+        else:
+            self.fk.layer_norm(y.data_ptr(), 0, 0, out.data_ptr(), rows, hidden, out_scale=out_scale,
+                               residual=x.data_ptr(), stream=self._stream())
+        return out
+
+    # activations ---------------------------------------------------------------------------------
+    def geglu(self, gate_up, *, out_for=None):
+        inter = gate_up.shape[-1] // 2
+        if self.calibrating or gate_up.dtype != torch.bfloat16 or not gate_up.is_contiguous() or inter % 8:
+            return super().geglu(gate_up, out_for=out_for)
+        rows = gate_up.shape[0]
+        fp8 = out_for is not None and out_for.fp8
+        out = torch.empty((rows, inter), dtype=torch.float8_e4m3fn if fp8 else torch.bfloat16, device=gate_up.device)
+        self.fk.geglu(gate_up.data_ptr(), out.data_ptr(), rows, inter,
+                      out_scale=out_for.act_scale.data_ptr() if fp8 else 0, stream=self._stream())
+        return out
+
+    # attention -----------------------------------------------------------------------------------
+    def rope_qkv(self, qkv, *, num_heads, k_cache, v_cache, start, cos, sin, positions):
+        if self.calibrating or qkv.dtype != torch.bfloat16 or not qkv.is_contiguous():
+            return super().rope_qkv(qkv, num_heads=num_heads, k_cache=k_cache, v_cache=v_cache, start=start,
+                                    cos=cos, sin=sin, positions=positions)
+        t = qkv.shape[0]
+        hkv, hd = k_cache.shape[1], k_cache.shape[2]
+        q = torch.empty((t, num_heads, hd), dtype=torch.bfloat16, device=qkv.device)
+        self.fk.rope_qkv(qkv.data_ptr(), positions.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                         t, num_heads, hkv, hd, cache_offset=start, stream=self._stream())
+        return q
+
+    def attention(self, q, k, v):
+        if self.calibrating or q.dtype != torch.bfloat16 or q.shape[-1] not in (64, 72, 128, 256):
+            return super().attention(q, k, v)
+        t, h, d = q.shape
+        s, hkv, _ = k.shape
+        out = torch.empty((t, h * d), dtype=torch.bfloat16, device=q.device)
+        split = t <= SKINNY_MAX_M and h <= 16  # few queries against a long cache: split the keys
+        self.fk.attention(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), batch=1, seqlen_q=t, seqlen_k=s,
+            num_heads_q=h, num_heads_kv=hkv, head_dim=d, q_strides=(t * h * d, h * d, d),
+            k_strides=(s * hkv * d, hkv * d, d), v_strides=(s * hkv * d, hkv * d, d), o_strides=(t * h * d, h * d, d),
+            softmax_scale=d**-0.5, dtype="bf16", lse_accum=self.lse_accum.data_ptr() if split else 0,
+            o_accum=self.o_accum.data_ptr() if split else 0, num_splits=0 if split else 1, stream=self._stream(),
+        )
+        return out
+
+    def vision_attention(self, qkv, batch, tokens, heads):
+        width = qkv.shape[-1] // 3
+        hd = width // heads
+        if self.calibrating or qkv.dtype != torch.bfloat16 or not qkv.is_contiguous() or hd % 8:
+            return super().vision_attention(qkv, batch, tokens, heads)
+        out = torch.empty((batch * tokens, width), dtype=torch.bfloat16, device=qkv.device)
+        base, esize = qkv.data_ptr(), qkv.element_size()
+        strides = (tokens * 3 * width, 3 * width, hd)
+        self.fk.attention(
+            base, base + width * esize, base + 2 * width * esize, out.data_ptr(), batch=batch, seqlen_q=tokens,
+            seqlen_k=tokens, num_heads_q=heads, num_heads_kv=heads, head_dim=hd, q_strides=strides,
+            k_strides=strides, v_strides=strides, o_strides=(tokens * width, width, hd), softmax_scale=hd**-0.5,
+            dtype="bf16", num_splits=1, stream=self._stream(),
+        )
+        return out
+
+
+def kernels_available(device) -> tuple[bool, str]:
+    """(usable, why): flashrt_kernels imports, was built for this GPU, and every op the pipeline
+    uses matches torch on random data. Checked once per process and device."""
+    key = str(device)
+    if key not in _CHECK:
+        _CHECK[key] = _check(torch.device(device))
+    return _CHECK[key]
+
+
+def _check(device) -> tuple[bool, str]:
+    try:
+        import flashrt_kernels  # noqa: PLC0415
+    except Exception as exc:  # not installed, or a broken build: torch ops then
+        return False, f"flashrt_kernels does not import ({type(exc).__name__}: {exc})"
+    major, minor = torch.cuda.get_device_capability(device)
+    built = [str(a) for a in flashrt_kernels.built_archs()]
+    if not any(a.rstrip("af") == f"{major}{minor}" for a in built):
+        return False, f"flashrt_kernels was built for {built}, this GPU is sm_{major}{minor}"
+    try:
+        worst = self_check(device)
+    except Exception as exc:
+        return False, f"self-check raised {type(exc).__name__}: {exc}"
+    bad = {k: v for k, v in worst.items() if v < (0.99 if "fp8" in k else 0.999)}
+    if bad:
+        return False, f"self-check mismatches against torch (cosine): {bad}"
+    return True, "ok"
+
+
+@torch.no_grad()
+def self_check(device) -> dict[str, float]:
+    """Cosine of every KernelOps op against TorchOps on random data at Pi0.5-like shapes."""
+    from flashrt_pi05.hopper_ops import Gate, Modulation, make_linear  # noqa: PLC0415
+
+    g = torch.Generator(device=device).manual_seed(0)
+    bf = torch.bfloat16
+
+    def rnd(*shape, dtype=bf, scale=1.0):
+        return (torch.randn(shape, generator=g, device=device) * scale).to(dtype)
+
+    def cos(a, b):
+        a, b = a.double().flatten(), b.double().flatten()
+        return float(a @ b / (a.norm() * b.norm()))
+
+    kern, ref = KernelOps(bf, device), TorchOps(bf)
+    out = {}
+    width, heads, hd = 1024, 8, 256
+    for fp8 in (False, True):
+        tag = "fp8" if fp8 else "bf16"
+        for m in (50, 300):  # skinny and cuBLASLt
+            lin = make_linear("check", rnd(4096, width, dtype=torch.float32, scale=width**-0.5), None,
+                              act_dtype=bf, device=device, fp8=fp8)
+            if fp8:
+                lin.act_scale.fill_(4.0 / 448)
+                lin.inv_act_scale.fill_(448 / 4.0)
+            x = rnd(m, width)
+            out[f"linear_{tag}_m{m}"] = cos(kern.linear(x, lin).float(), ref.linear(x, lin).float())
+        down = make_linear("down", rnd(width, 2048, dtype=torch.float32, scale=2048**-0.5), None, act_dtype=bf,
+                           device=device, fp8=fp8)
+        if fp8:
+            down.act_scale.fill_(8.0 / 448)
+            down.inv_act_scale.fill_(448 / 8.0)
+        gu = rnd(50, 4096)
+        out[f"geglu_{tag}"] = cos(kern.linear(kern.geglu(gu, out_for=down), down).float(),
+                                  ref.linear(ref.geglu(gu, out_for=down), down).float())
+        lin_in = down if fp8 else None
+        mod = Modulation(1.0 + rnd(width * 2, dtype=torch.float32, scale=0.2), rnd(width * 2, dtype=torch.float32, scale=0.2),
+                         None, None)
+        mod.scale_bf16, mod.shift_bf16 = (mod.one_plus_scale - 1.0).to(bf), mod.shift.to(bf)
+        gate_f = rnd(width * 2, dtype=torch.float32, scale=0.5)
+        gate = Gate(gate_f.to(bf).float(), gate_f.to(bf))
+        x = rnd(50, width * 2)
+        y = rnd(50, width * 2)
+        xk, xr = x.clone(), x.clone()
+        hk = kern.rms_norm(xk, lin=lin_in, y=y, gate=gate, mod=mod)
+        hr = ref.rms_norm(xr, lin=lin_in, y=y, gate=gate, mod=mod)
+        if fp8:
+            hk, hr = hk.float() * down.act_scale, hr.float() * down.act_scale
+        out[f"add_ada_rms_norm_{tag}"] = cos(hk.float(), hr.float())
+        out[f"residual_{tag}"] = cos(xk.float(), xr.float())
+        v = rnd(256, 1152)
+        yv = rnd(256, 1152)
+        vk, vr = v.clone(), v.clone()
+        out[f"layer_norm_{tag}"] = cos(kern.layer_norm(vk, lin=None, y=yv).float(), ref.layer_norm(vr, lin=None, y=yv).float())
+    # RoPE + cache write, MQA attention over the cache (prefix-like and suffix-like), SigLIP attention
+    from flashrt_pi05.pipeline_hopper import rope_tables  # noqa: PLC0415
+
+    cos_t, sin_t = rope_tables(1024, hd, device)
+    positions = torch.arange(1024, device=device, dtype=torch.int32)
+    kc = [torch.zeros((1024, 1, hd), dtype=bf, device=device) for _ in range(2)]
+    vc = [torch.zeros((1024, 1, hd), dtype=bf, device=device) for _ in range(2)]
+    for start, t in ((0, 700), (700, 50)):
+        qkv = rnd(t, (heads + 2) * hd)
+        args = dict(num_heads=heads, start=start, cos=cos_t[start : start + t], sin=sin_t[start : start + t],
+                    positions=positions[start : start + t])
+        qk = kern.rope_qkv(qkv, k_cache=kc[0], v_cache=vc[0], **args)
+        qr = ref.rope_qkv(qkv, k_cache=kc[1], v_cache=vc[1], **args)
+        out[f"rope_q_t{t}"] = cos(qk.float(), qr.float())
+        out[f"rope_k_t{t}"] = cos(kc[0][start : start + t].float(), kc[1][start : start + t].float())
+        end = start + t
+        out[f"attention_t{t}"] = cos(kern.attention(qk, kc[0][:end], vc[0][:end]).float(),
+                                     ref.attention(qr, kc[1][:end], vc[1][:end]).float())
+    qkv = rnd(2 * 256, 3 * 1152)
+    out["vision_attention"] = cos(kern.vision_attention(qkv, 2, 256, 16).float(), ref.vision_attention(qkv, 2, 256, 16).float())
+    torch.cuda.synchronize(device)
+    return out
