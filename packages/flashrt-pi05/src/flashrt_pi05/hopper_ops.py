@@ -93,6 +93,13 @@ def make_linear(name, weight, bias, *, act_dtype, device, fp8: bool) -> Linear:
     )
 
 
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps), in x's dtype (fp32 here); torch's fused op where it has one."""
+    if hasattr(F, "rms_norm"):
+        return F.rms_norm(x, (x.shape[-1],), eps=RMS_EPS)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + RMS_EPS)
+
+
 class TorchOps:
     """Pure-torch implementations. ``calibrating`` switches FP8 linears to a dequantised path
     that records each GEMM input's amax (eager only, never captured)."""
@@ -151,8 +158,7 @@ class TorchOps:
         """x += y (* gate) in place; rms(x) [* (1 + s) + t] in the format ``lin`` reads. The Gemma
         (1 + w) weight is folded into lin's weights; adaRMS has none."""
         self._residual(x, y, gate)
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + RMS_EPS)
+        normed = _rms(x.float())
         if mod is not None:
             normed = torch.addcmul(mod.shift, normed, mod.one_plus_scale)
         return self.to_input_of(normed, lin)
@@ -177,11 +183,11 @@ class TorchOps:
         the caches (rows, Hkv, D) at rows [start, start + T); returns q (T, H, D)."""
         t = qkv.shape[0]
         hkv, hd = k_cache.shape[1], k_cache.shape[2]
-        hq = num_heads * hd
-        q = self._rope(qkv[:, :hq].view(t, num_heads, hd), cos, sin)
-        k_cache[start : start + t].copy_(self._rope(qkv[:, hq : hq + hkv * hd].view(t, hkv, hd), cos, sin))
-        v_cache[start : start + t].copy_(qkv[:, hq + hkv * hd :].view(t, hkv, hd))
-        return q
+        # q and k heads rotate together: one pass over (T, H + Hkv, D) instead of two
+        qk = self._rope(qkv[:, : (num_heads + hkv) * hd].view(t, num_heads + hkv, hd), cos, sin)
+        k_cache[start : start + t].copy_(qk[:, num_heads:])
+        v_cache[start : start + t].copy_(qkv[:, (num_heads + hkv) * hd :].view(t, hkv, hd))
+        return qk[:, :num_heads]
 
     def _rope(self, x, cos, sin):
         half = x.shape[-1] // 2
