@@ -9,6 +9,7 @@ few values and the latency. ``--size tiny`` (default) runs on a CPU in seconds; 
 
 from __future__ import annotations
 
+import inspect
 import shutil
 import time
 from pathlib import Path
@@ -73,9 +74,8 @@ def _cuda_available() -> bool:
 
 
 def run_demo(args) -> int:
-    import numpy as np  # noqa: PLC0415
-
     import flash_rt  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
     from flash_rt.errors import CheckpointError, ConfigError  # noqa: PLC0415
 
     if args.size == "full" and not _cuda_available() and args.hardware in ("auto", "cpu") and args.device in (None, "cpu"):
@@ -99,11 +99,15 @@ def run_demo(args) -> int:
     state_dim = getattr(config, "state_dim", None) or 8
     images, state = synthetic_observation(args.num_views, state_dim, args.seed)
     prompt = "pick up the red cup and put it on the plate"
+    noise = None  # fixed flow noise where the frontend takes it, so the printed values are reproducible
+    if config is not None and "noise" in inspect.signature(model.frontend.infer).parameters:
+        rng = np.random.default_rng(args.seed + 1)
+        noise = rng.standard_normal((config.action_horizon, config.action_dim)).astype(np.float32)
 
     latencies = []
     for _ in range(args.runs):
         t0 = time.perf_counter()
-        actions = model.predict(images, prompt=prompt, state=state)
+        actions = model.predict(images, prompt=prompt, state=state, noise=noise)
         latencies.append(time.perf_counter() - t0)
 
     print(f"model       Pi0.5 ({args.size}, random weights) via {model!r}")
