@@ -142,17 +142,18 @@ def mode_bad(spec):
             report["after_error"] = "closed"
             report["close_code"] = exc.rcvd.code if exc.rcvd else None
     else:
-        ws = websockets.sync.client.connect(f"ws://127.0.0.1:{spec['port']}", compression=None, max_size=None)
-        ws.recv()  # metadata
-        ws.send(payload)
-        try:
-            reply = ws.recv()
-            report.update(error="text" if isinstance(reply, str) else "binary",
-                          message=reply if isinstance(reply, str) else None)
-            ws.recv()
-        except ConnectionClosed as exc:
-            report["close_code"] = exc.rcvd.code if exc.rcvd else None
-            report["close_reason"] = exc.rcvd.reason if exc.rcvd else None
+        with websockets.sync.client.connect(f"ws://127.0.0.1:{spec['port']}", compression=None,
+                                            max_size=None) as ws:
+            ws.recv()  # metadata
+            try:
+                ws.send(payload)
+                reply = ws.recv()
+                report.update(error="text" if isinstance(reply, str) else "binary",
+                              message=reply if isinstance(reply, str) else None)
+                ws.recv()
+            except ConnectionClosed as exc:
+                report["close_code"] = exc.rcvd.code if exc.rcvd else None
+                report["close_reason"] = exc.rcvd.reason if exc.rcvd else None
         report.setdefault("error", "closed")
     # Reconnect with a fresh client: the server must still serve this robot.
     client = connect(spec)
@@ -171,11 +172,13 @@ def mode_auth(spec):
 
 
 def mode_disconnect(spec):
-    ws = websockets.sync.client.connect(f"ws://127.0.0.1:{spec['port']}", compression=None, max_size=None)
-    ws.recv()
-    ws.send(msgpack_numpy.packb(make_observation("libero", np.random.RandomState(spec.get("seed", 0)),
-                                                 spec.get("hw", (32, 32)), 0)))
-    ws.close()
+    rng = np.random.RandomState(spec.get("seed", 0))
+    for _ in range(spec.get("connections", 1)):
+        with websockets.sync.client.connect(f"ws://127.0.0.1:{spec['port']}", compression=None,
+                                            max_size=None) as ws:
+            ws.recv()
+            ws.send(msgpack_numpy.packb(make_observation("libero", rng, spec.get("hw", (32, 32)), 0)))
+        # leaving the block closes the connection without waiting for the answer
     return {"ok": True}
 
 
