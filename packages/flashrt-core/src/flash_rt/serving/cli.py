@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 from flash_rt.errors import ConfigError
 from flash_rt.serving.openpi_server import DEFAULT_MAX_FRAME_BYTES
@@ -80,5 +81,10 @@ def cmd_serve(args) -> int:
         metadata=metadata, api_key=api_key, max_frame_bytes=max(1024, int(args.max_frame_mb * 2**20)),
         num_views=args.num_views, action_dim=args.action_dim, default_prompt=args.default_prompt,
     )
-    server.serve_forever()
+    server.serve_forever(on_listening=_print_listening)
     return 0
+
+
+def _print_listening(host: str, port: int) -> None:
+    print(f"flashrt serve: listening on ws://{host}:{port} (GET /healthz for health checks)",
+          file=sys.stderr, flush=True)

@@ -119,6 +119,7 @@ class PolicyServer:
         self._startup_error: BaseException | None = None
         self._port: int | None = None
         self._warned_narrow = False
+        self._on_listening: Callable[[str, int], None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -163,8 +164,10 @@ class PolicyServer:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def serve_forever(self) -> None:
-        """Serve on this thread until SIGINT or SIGTERM."""
+    def serve_forever(self, on_listening: Callable[[str, int], None] | None = None) -> None:
+        """Serve on this thread until SIGINT or SIGTERM; ``on_listening(host, port)`` is called
+        once the port is bound (the CLI prints the address there)."""
+        self._on_listening = on_listening
         asyncio.run(self._main(install_signal_handlers=True))
 
     def _thread_main(self) -> None:
@@ -200,6 +203,8 @@ class PolicyServer:
                 self._port = server.sockets[0].getsockname()[1]
                 logger.info("flashrt serve: listening on ws://%s:%d", self._host, self._port)
                 self._ready.set()
+                if self._on_listening is not None:
+                    self._on_listening(self._host, self._port)
                 await self._stop_event.wait()
         finally:
             # Connections are closed by now; a running inference finishes, queued ones are dropped.
