@@ -3,7 +3,10 @@
 The model is TinyServePolicy (serving_testmodel.py), loaded through flash_rt.load_model; every
 served action chunk is compared with ``predict`` of a second instance on the same observation."""
 
+import json
+import os
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -274,3 +277,23 @@ def test_bad_options_are_config_errors():
         parse_metadata("{robot")
     assert parse_metadata('{"robot": "aloha"}') == {"robot": "aloha"}
     assert PolicyServer(object()).host == "127.0.0.1"  # loopback unless told otherwise
+
+
+def test_rtc_remote_policy_example(start_server):
+    """examples/rtc_remote_policy.py, run as a robot would run it (openpi-client's venv, numpy<2,
+    flashrt-core from source), against the server: every tick gets an action, none missed."""
+    pytest.importorskip("flash_rt.runtime.rtc")
+    import flash_rt as core
+
+    example = HERE.parents[2] / "examples" / "rtc_remote_policy.py"
+    server, _, counted = start_server(delay_s=0.05, model_wrapper=CountingModel)
+    env = {**os.environ, "PYTHONPATH": str(Path(core.__file__).resolve().parents[1])}
+    out = subprocess.run([support.openpi_client_python(), str(example), "--port", str(server.port), "--hz", "50",
+                          "--ticks", "60", "--image-size", "32"], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["ticks"] == 60 and report["errors"] == 0 and report["action_dim"] == 7
+    # 60 ticks of 20 ms with 10-action chunks: several chunks, computed while actions were served
+    assert report["inference_calls"] >= 4 and report["inference_calls"] == counted.calls
+    assert report["misses"] <= 2, report
