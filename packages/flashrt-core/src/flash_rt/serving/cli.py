@@ -12,7 +12,8 @@ import os
 import sys
 
 from flash_rt.errors import ConfigError
-from flash_rt.serving.openpi_server import DEFAULT_MAX_FRAME_BYTES
+
+DEFAULT_MAX_FRAME_MB = 64  # no import of the server here: `flashrt --help` must work without the serve extra
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
@@ -40,7 +41,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                         help="keep the first N action dims (default: the layout's openpi width, LIBERO 7, "
                         "DROID 8, ALOHA 14; 0 never slices)")
     parser.add_argument("--default-prompt", help="prompt for clients whose observations carry none")
-    parser.add_argument("--max-frame-mb", type=float, default=DEFAULT_MAX_FRAME_BYTES / 2**20,
+    parser.add_argument("--max-frame-mb", type=float, default=DEFAULT_MAX_FRAME_MB,
                         help="largest observation frame accepted, MiB (default: 64)")
     parser.add_argument("--tokenizer", help="tokenizer model file, where the checkpoint has none")
     parser.add_argument("--log-level", default="INFO", help="server log level (default: INFO)")
@@ -60,6 +61,13 @@ def _api_key(var: str | None) -> str | None:
 
 def cmd_serve(args) -> int:
     import flash_rt  # noqa: PLC0415
+
+    try:
+        import msgpack  # noqa: F401, PLC0415
+        import websockets  # noqa: F401, PLC0415
+    except ImportError as exc:
+        raise ConfigError(f"flashrt serve needs websockets and msgpack ({exc}); "
+                          "pip install 'flashrt-core[serve]'") from None
     from flash_rt.serving.openpi_server import PolicyServer, parse_metadata  # noqa: PLC0415
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")

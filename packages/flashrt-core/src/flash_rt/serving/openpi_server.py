@@ -178,7 +178,11 @@ class PolicyServer:
             self._ready.set()
 
     async def _main(self, *, install_signal_handlers: bool) -> None:
-        from websockets.asyncio.server import serve  # noqa: PLC0415
+        try:
+            from websockets.asyncio.server import serve  # noqa: PLC0415
+        except ImportError:
+            raise ConfigError("PolicyServer needs websockets >= 13 (its asyncio server API); "
+                              "pip install 'flashrt-core[serve]'") from None
 
         self._loop = asyncio.get_running_loop()
         self._stop_event = asyncio.Event()
