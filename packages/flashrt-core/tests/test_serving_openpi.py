@@ -221,6 +221,21 @@ def test_api_key(start_server, monkeypatch):
     assert _http_get(server.port, "/healthz") == (200, "OK\n")  # health checks need no key
 
 
+def test_browser_origins_are_refused_unless_allowed(start_server):
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    server, _, _ = start_server(allowed_origins=["https://dashboard.lab"])
+    url = f"ws://127.0.0.1:{server.port}"
+    with pytest.raises(InvalidStatus) as refused:
+        connect(url, origin="https://evil.example", open_timeout=10)
+    assert refused.value.response.status_code == 403
+    with connect(url, origin="https://dashboard.lab", open_timeout=10) as ws:
+        assert ws.recv(timeout=5) == b"\x80"
+    with connect(url, open_timeout=10) as ws:  # no Origin header: a robot client
+        assert ws.recv(timeout=5) == b"\x80"
+
+
 def test_healthz_and_handshakes_do_not_wait_for_inference(start_server):
     from websockets.sync.client import connect
 

@@ -44,6 +44,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--max-frame-mb", type=float, default=DEFAULT_MAX_FRAME_MB,
                         help="largest observation frame accepted, MiB (default: 64)")
     parser.add_argument("--tokenizer", help="tokenizer model file, where the checkpoint has none")
+    parser.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                        help="a browser origin (e.g. https://dashboard.lab) allowed to connect; repeatable. "
+                        "Handshakes with any other Origin header are refused (robot clients send none)")
     parser.add_argument("--log-level", default="INFO", help="server log level (default: INFO)")
     parser.set_defaults(func=cmd_serve)
     return parser
@@ -88,6 +91,7 @@ def cmd_serve(args) -> int:
         model, args.host, args.port,
         metadata=metadata, api_key=api_key, max_frame_bytes=max(1024, int(args.max_frame_mb * 2**20)),
         num_views=args.num_views, action_dim=args.action_dim, default_prompt=args.default_prompt,
+        allowed_origins=args.allow_origin,
     )
     server.serve_forever(on_listening=_print_listening)
     return 0

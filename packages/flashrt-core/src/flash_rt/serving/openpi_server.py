@@ -25,6 +25,9 @@ What differs from openpi's own server, on purpose:
   (header missing) or 403 (key wrong); the comparison is constant-time. /healthz stays open.
 - A client that disconnects while its request waits or computes costs at most that inference:
   a queued request is dropped before it starts, a running one finishes and is discarded.
+- Browsers: a web page can open a websocket to 127.0.0.1, so a handshake that carries an
+  ``Origin`` header (browsers always send one, robot clients never do) is refused with 403
+  unless that origin is in ``allowed_origins``.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -77,6 +80,7 @@ class PolicyServer:
     DROID 8, ALOHA 14 — where the model's is wider; 0: never slice). ``default_prompt``: used
     when a client's first observation has no "prompt". ``noise_fn``: called on the worker for
     each request to give ``predict(noise=...)`` (reproducible serving and tests).
+    ``allowed_origins``: browser origins allowed to connect (none by default).
     """
 
     def __init__(
@@ -92,6 +96,7 @@ class PolicyServer:
         action_dim: int | None = None,
         default_prompt: str | None = None,
         noise_fn: Callable[[], np.ndarray] | None = None,
+        allowed_origins: Sequence[str] = (),
     ):
         if metadata is not None and not isinstance(metadata, Mapping):
             raise ConfigError(f"metadata must be a dict (a JSON object); got {type(metadata).__name__}")
@@ -111,6 +116,7 @@ class PolicyServer:
         self._action_dim = action_dim
         self._default_prompt = default_prompt
         self._noise_fn = noise_fn
+        self._origins = [None, *allowed_origins]  # None: no Origin header, i.e. not a browser
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_event: asyncio.Event | None = None
@@ -202,6 +208,8 @@ class PolicyServer:
                 self._requested_port,
                 compression=None,
                 max_size=self._max_frame_bytes,
+                max_queue=2,  # lock-step clients send one frame at a time; bounds buffered frames
+                origins=self._origins,
                 process_request=self._process_request,
             ) as server:
                 self._port = server.sockets[0].getsockname()[1]
