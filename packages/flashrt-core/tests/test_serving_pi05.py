@@ -15,8 +15,9 @@ if str(HERE) not in sys.path:
 pytest.importorskip("torch")
 make_checkpoint = pytest.importorskip("flash_rt.models.pi_make_checkpoint")
 
-import flash_rt  # noqa: E402
 import serving_support as support  # noqa: E402
+
+import flash_rt  # noqa: E402
 from flash_rt.errors import ConfigError  # noqa: E402
 from flash_rt.serving.openpi_server import PolicyServer  # noqa: E402
 

@@ -18,9 +18,10 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 import serving_support as support  # noqa: E402
+from serving_testmodel import write_checkpoint  # noqa: E402
+
 from flash_rt.errors import ConfigError  # noqa: E402
 from flash_rt.serving.cli import add_serve_parser, cmd_serve  # noqa: E402
-from serving_testmodel import write_checkpoint  # noqa: E402
 
 LAUNCHER = HERE / "serving_cli_launcher.py"
 SOAK_REQUESTS = 10_000
