@@ -1,6 +1,7 @@
 """Frontends used by the core tests: small but real (they compute something checkable)."""
 
 import numpy as np
+
 from flash_rt.errors import InputError
 
 

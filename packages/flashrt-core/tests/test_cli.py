@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+
 from flash_rt.cli import main
 
 

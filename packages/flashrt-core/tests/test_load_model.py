@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import flash_rt
 import numpy as np
 import pytest
+
+import flash_rt
 from flash_rt.errors import ConfigError, InputError
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import flash_rt
 import pytest
+
+import flash_rt
 from flash_rt.errors import ConfigError, HardwareError
 from flash_rt.plugins import hookimpl, register_plugin
 

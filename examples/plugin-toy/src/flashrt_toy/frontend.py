@@ -10,26 +10,29 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from flash_rt.errors import InputError
 
-from flashrt_toy.model import ToyConfig, ToyPolicy
+from flash_rt.errors import InputError
+from flashrt_toy.model import WEIGHT_ATTRS, ToyConfig, ToyPolicy
 
 _VIEW_KEYS = ("image", "wrist_image", "wrist_image_right")
+
+
+class _Weights:
+    """Where the loader's Attr sinks put the tensors."""
 
 
 class ToyFrontend:
     def __init__(self, checkpoint: str, num_views: int = 2):
         from flash_rt.executors.torch_weights import SafetensorsSource
-        from flash_rt.executors.weight_loader import Item, ModelWeightSpec, WeightLoader
+        from flash_rt.executors.weight_loader import WeightLoader
 
         directory = Path(checkpoint)
         self.config = ToyConfig.read(directory)
         self.num_views = num_views
-        # The key map is data: one Item per tensor, each with the shape it must have.
-        spec = ModelWeightSpec(items=[Item(name, expected_shape=shape)
-                                      for name, shape in self.config.shapes().items()])
-        weights = WeightLoader(SafetensorsSource(directory), spec).load()
-        self.policy = ToyPolicy(self.config, {k: v.numpy() for k, v in weights.items()})
+        loaded = _Weights()
+        WeightLoader(SafetensorsSource(directory), self.config.weight_spec(), loaded, unused="error").run()
+        self.policy = ToyPolicy(self.config, {name: getattr(loaded, attr).numpy()
+                                              for name, attr in WEIGHT_ATTRS.items()})
         self._prompt_feature = 0.0
 
     def set_prompt(self, prompt: str, state=None) -> None:

@@ -11,9 +11,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from flash_rt.errors import CheckpointError
 
 MODEL_TYPE = "toy"
+# checkpoint key -> attribute the loader stores it under
+WEIGHT_ATTRS = {
+    "encoder.image.weight": "image_w",
+    "encoder.state.weight": "state_w",
+    "encoder.bias": "encoder_b",
+    "head.weight": "head_w",
+    "head.bias": "head_b",
+}
 
 
 @dataclass(frozen=True)
@@ -33,6 +42,14 @@ class ToyConfig:
         if raw.get("model_type") != MODEL_TYPE:
             raise CheckpointError(f"{path}: model_type is {raw.get('model_type')!r}, expected 'toy'")
         return cls(**{k: int(raw[k]) for k in ("state_dim", "action_dim", "horizon", "hidden")})
+
+    def weight_spec(self):
+        """The checkpoint key map, as data: every tensor with the shape and dtype it must have."""
+        from flash_rt.executors.torch_weights import Attr
+        from flash_rt.executors.weight_loader import Item, ModelWeightSpec
+
+        return ModelWeightSpec([Item(name, sink=Attr(WEIGHT_ATTRS[name]), shape=shape, dtype="float32")
+                                for name, shape in self.shapes().items()])
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {
