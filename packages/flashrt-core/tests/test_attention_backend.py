@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+
 from flash_rt.errors import ConfigError, HardwareError, InputError
 from flash_rt.hardware.backend import AttentionBackend, AttentionBackendBase, AttentionSpec, SiteSpec
 from flash_rt.hardware.sdpa_backend import TorchSdpaBackend

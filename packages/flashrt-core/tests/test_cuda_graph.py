@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from flash_rt.core.cuda_buffer import CudaBuffer
 from flash_rt.core.cuda_graph import CUDAGraph, capture_callable
 from flash_rt.errors import ConfigError, HardwareError

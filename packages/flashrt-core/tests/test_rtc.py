@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+
 from flash_rt.errors import ConfigError, InputError
 from flash_rt.runtime.rtc import (
     ActionChunkAdapter,
