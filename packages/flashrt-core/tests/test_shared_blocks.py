@@ -38,8 +38,11 @@ def rel_err(ours, expected) -> float:
 def randomize(module, seed=0, std=0.1):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            # SigLIP LayerNorm scales near 1, so what follows a LayerNorm keeps its size
+            p.copy_(1.0 + 0.2 * noise if ("layer_norm" in name or "post_layernorm" in name) and name.endswith("weight")
+                    else noise * std)
     return module
 
 

@@ -74,8 +74,9 @@ def _cuda_available() -> bool:
 
 
 def run_demo(args) -> int:
-    import flash_rt  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
+
+    import flash_rt  # noqa: PLC0415
     from flash_rt.errors import CheckpointError, ConfigError  # noqa: PLC0415
 
     if args.size == "full" and not _cuda_available() and args.hardware in ("auto", "cpu") and args.device in (None, "cpu"):

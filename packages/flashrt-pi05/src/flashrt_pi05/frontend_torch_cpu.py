@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
+
 from flash_rt.errors import InputError
 from flash_rt.models.pi_preprocess import PiInputs
 
@@ -32,9 +33,9 @@ class Pi05TorchFrontendCpu:
                  device=None, vision_num_layers: int | None = None, vision_pool_factor: int | None = None,
                  dtype=None):
         import torch  # noqa: PLC0415
+
         from flash_rt.models.paligemma_tokenizer import PaligemmaTokenizer, find_tokenizer  # noqa: PLC0415
         from flash_rt.models.pi_checkpoint import load_pi_checkpoint  # noqa: PLC0415
-
         from flashrt_pi05.reference import Pi05Reference  # noqa: PLC0415
 
         ckpt = load_pi_checkpoint(checkpoint, self.model_type)
