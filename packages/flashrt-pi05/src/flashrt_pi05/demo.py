@@ -89,6 +89,15 @@ def run_demo(args) -> int:
     started = time.perf_counter()
     path = demo_checkpoint(args.size, args.cache_dir, args.seed)
     options = dict(config="pi05", num_views=args.num_views, hardware=args.hardware, device=args.device)
+    if args.hardware == "auto":
+        from flash_rt.hardware import detect_arch, registered_routes  # noqa: PLC0415
+
+        arch = detect_arch()
+        if ("pi05", "torch", arch) not in registered_routes():
+            # No fast path installed for this GPU: run the reference frontend on it instead.
+            print(f"no pi05 frontend for arch {arch!r}; using the reference frontend on "
+                  f"{args.device or ('cuda' if arch != 'cpu' else 'cpu')}", flush=True)
+            options.update(hardware="cpu", device=args.device or ("cuda" if arch != "cpu" else None))
     try:
         model = flash_rt.load_model(str(path), **options)
     except CheckpointError as exc:  # a damaged cache is rebuilt, not trusted
