@@ -149,3 +149,26 @@ def test_one_and_three_views(checkpoint):
         images, state = observation(10, views=views)
         out = m.predict(images, PROMPT, state=state)
         assert out.shape == (m.frontend.config.action_horizon, 7) and np.isfinite(out).all()
+
+
+def test_speed_knobs_and_bf16_through_the_frontend(checkpoint):
+    from flash_rt.errors import ConfigError
+    from flashrt_pi05.frontend_torch_cpu import Pi05TorchFrontendCpu
+
+    images, state = observation(11)
+    fast = flash_rt.load_model(str(checkpoint), config="pi05", hardware="cpu", vision_num_layers=1,
+                               vision_pool_factor=2)
+    assert (fast.frontend.model.vision_num_layers, fast.frontend.model.vision_pool_factor) == (1, 2)
+    assert np.isfinite(fast.predict(images, PROMPT, state=state)).all()
+    with pytest.raises(ConfigError, match="vision_num_layers"):
+        flash_rt.load_model(str(checkpoint), config="pi05", hardware="cpu", vision_num_layers=5)
+
+    cfg = fast.frontend.config
+    noise = np.random.default_rng(12).standard_normal((cfg.action_horizon, cfg.action_dim)).astype(np.float32)
+    fp32, bf16 = Pi05TorchFrontendCpu(str(checkpoint)), Pi05TorchFrontendCpu(str(checkpoint), dtype="bfloat16")
+    outs = []
+    for frontend in (fp32, bf16):
+        frontend.set_prompt(PROMPT, state=state)
+        outs.append(frontend.infer({"images": images}, noise=noise))
+    cos = float(np.dot(outs[0].ravel(), outs[1].ravel()) / np.linalg.norm(outs[0]) / np.linalg.norm(outs[1]))
+    assert cos > 0.999, cos
