@@ -151,3 +151,19 @@ def test_one_and_three_views(checkpoint):
         images, state = observation(10, views=views)
         out = m.predict(images, PROMPT, state=state)
         assert out.shape == (m.frontend.config.action_horizon, 7) and np.isfinite(out).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_reference_frontend_on_cuda_matches_cpu(checkpoint):
+    from flashrt_pi0.frontend_torch_cpu import Pi0TorchFrontendCpu
+
+    images, state = observation(13)
+    cpu, gpu = Pi0TorchFrontendCpu(str(checkpoint)), Pi0TorchFrontendCpu(str(checkpoint), device="cuda")
+    assert gpu.model.device.type == "cuda"
+    noise = np.random.default_rng(14).standard_normal((cpu.config.action_horizon, cpu.config.action_dim))
+    outs = []
+    for frontend in (cpu, gpu):
+        frontend.set_prompt(PROMPT)
+        outs.append(frontend.infer({"images": images, "state": state}, noise=noise.astype(np.float32)))
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-3, atol=1e-3 * max(1.0, np.abs(outs[0]).max()))

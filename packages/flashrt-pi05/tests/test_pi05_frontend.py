@@ -172,3 +172,19 @@ def test_speed_knobs_and_bf16_through_the_frontend(checkpoint):
         outs.append(frontend.infer({"images": images}, noise=noise))
     cos = float(np.dot(outs[0].ravel(), outs[1].ravel()) / np.linalg.norm(outs[0]) / np.linalg.norm(outs[1]))
     assert cos > 0.999, cos
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_reference_frontend_on_cuda_matches_cpu(checkpoint):
+    from flashrt_pi05.frontend_torch_cpu import Pi05TorchFrontendCpu
+
+    images, state = observation(13)
+    cpu, gpu = Pi05TorchFrontendCpu(str(checkpoint)), Pi05TorchFrontendCpu(str(checkpoint), device="cuda")
+    assert gpu.model.device.type == "cuda"
+    noise = np.random.default_rng(14).standard_normal((cpu.config.action_horizon, cpu.config.action_dim))
+    outs = []
+    for frontend in (cpu, gpu):
+        frontend.set_prompt(PROMPT, state=state)
+        outs.append(frontend.infer({"images": images}, noise=noise.astype(np.float32)))
+    np.testing.assert_allclose(outs[1], outs[0], rtol=1e-3, atol=1e-3 * max(1.0, np.abs(outs[0]).max()))
