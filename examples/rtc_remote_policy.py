@@ -27,8 +27,9 @@ import time
 from dataclasses import asdict
 
 import numpy as np
-from flash_rt.runtime.rtc import AsyncChunkRunner, CallablePolicyAdapter
 from openpi_client.websocket_client_policy import WebsocketClientPolicy
+
+from flash_rt.runtime.rtc import AsyncChunkRunner, CallablePolicyAdapter
 
 
 class SimulatedRobot:

@@ -13,8 +13,9 @@ from flash_rt.serving.cli import add_serve_parser  # noqa: E402
 if __name__ == "__main__":
     argv = sys.argv[1:]
     if argv and argv[0] == "--servetest":
-        from flash_rt.hardware import register
         from serving_testmodel import CONFIG, TARGET
+
+        from flash_rt.hardware import register
 
         register(CONFIG, "torch", "cpu", TARGET, distribution="tests")
         argv = argv[1:]

@@ -6,6 +6,7 @@ __ndarray__/data/dtype/shape, __npgeneric__), independently of our encoder."""
 import msgpack
 import numpy as np
 import pytest
+
 from flash_rt.errors import InputError
 from flash_rt.serving import layouts
 from flash_rt.serving.msgpack_numpy import WireError, packb, unpackb

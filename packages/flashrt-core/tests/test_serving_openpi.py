@@ -21,11 +21,12 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-import flash_rt  # noqa: E402
 import serving_support as support  # noqa: E402
+from serving_testmodel import CONFIG, TARGET, write_checkpoint  # noqa: E402
+
+import flash_rt  # noqa: E402
 from flash_rt.errors import ConfigError  # noqa: E402
 from flash_rt.serving.openpi_server import PolicyServer, parse_metadata  # noqa: E402
-from serving_testmodel import CONFIG, TARGET, write_checkpoint  # noqa: E402
 
 ATOL = 2e-5  # the server sends state as float32; the reference computes with the client's float64
 
