@@ -202,16 +202,23 @@ class PolicyServer:
                     pass
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashrt-infer")
         try:
-            async with serve(
-                self._handle,
-                self._host,
-                self._requested_port,
-                compression=None,
-                max_size=self._max_frame_bytes,
-                max_queue=2,  # lock-step clients send one frame at a time; bounds buffered frames
-                origins=self._origins,
-                process_request=self._process_request,
-            ) as server:
+            try:
+                server = await serve(
+                    self._handle,
+                    self._host,
+                    self._requested_port,
+                    compression=None,
+                    max_size=self._max_frame_bytes,
+                    max_queue=2,  # lock-step clients send one frame at a time; bounds buffered frames
+                    origins=self._origins,
+                    process_request=self._process_request,
+                )
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot listen on {self._host}:{self._requested_port}: {exc.strerror or exc}; pick "
+                    "another --port (0 picks a free one) or --host"
+                ) from None
+            async with server:
                 self._port = server.sockets[0].getsockname()[1]
                 logger.info("flashrt serve: listening on ws://%s:%d", self._host, self._port)
                 self._ready.set()
