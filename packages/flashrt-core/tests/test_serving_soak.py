@@ -3,6 +3,7 @@ unmodified openpi-client: API key through --api-key-env, SIGTERM shutdown, and a
 requests with the server's resident memory checked for growth."""
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 
@@ -93,3 +94,12 @@ def test_serve_cli_option_errors(argv, message, monkeypatch):
     monkeypatch.delenv("FLASHRT_SURELY_UNSET_VAR", raising=False)
     with pytest.raises(ConfigError, match=message):
         cmd_serve(_parse(["serve", "--checkpoint", "/nonexistent", *argv]))
+
+
+def test_serve_cli_module_imports_no_server_dependencies():
+    """`flashrt --help` builds every subparser: the serve parser must not need the serve extra."""
+    code = ("import sys, flash_rt.serving.cli, flash_rt.serving.layouts; "
+            "bad = [m for m in ('websockets', 'msgpack', 'torch') if m in sys.modules]; "
+            "assert not bad, bad")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
