@@ -220,6 +220,13 @@ def test_api_key(start_server, monkeypatch):
     assert support.run_client({"mode": "auth", "port": server.port, "api_key": "s3cret-kez"}) == {
         "ok": False, "error": "InvalidStatus", "status": 403}
     assert _http_get(server.port, "/healthz") == (200, "OK\n")  # health checks need no key
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    twice = [("Authorization", "Api-Key s3cret-key"), ("Authorization", "Api-Key other")]
+    with pytest.raises(InvalidStatus) as refused:
+        connect(f"ws://127.0.0.1:{server.port}", additional_headers=twice, open_timeout=10)
+    assert refused.value.response.status_code == 401
 
 
 def test_browser_origins_are_refused_unless_allowed(start_server):

@@ -238,12 +238,12 @@ class PolicyServer:
         if path == "/healthz":
             return connection.respond(http.HTTPStatus.OK, "OK\n")
         if self._expected_auth is not None:
-            header = request.headers.get("Authorization")
-            if header is None:
+            headers = request.headers.get_all("Authorization")
+            if len(headers) != 1:
                 return connection.respond(
-                    http.HTTPStatus.UNAUTHORIZED, "this server needs the header 'Authorization: Api-Key <key>'\n"
+                    http.HTTPStatus.UNAUTHORIZED, "this server needs one header 'Authorization: Api-Key <key>'\n"
                 )
-            if not hmac.compare_digest(header.encode("utf-8", "replace"), self._expected_auth):
+            if not hmac.compare_digest(headers[0].encode("utf-8", "replace"), self._expected_auth):
                 return connection.respond(http.HTTPStatus.FORBIDDEN, "wrong API key\n")
         return None
 
