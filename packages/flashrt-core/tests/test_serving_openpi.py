@@ -283,6 +283,10 @@ def test_start_stop_and_port_zero(start_server):
     server.stop()
     with socket.socket() as sock:  # the port is free again
         sock.bind(("127.0.0.1", port))
+    server.start()  # and the server can start again
+    assert server.port > 0
+    assert support.run_client({"mode": "infer", "port": server.port, "layout": "libero", "n": 1})["n"] == 1
+    server.stop()
     with pytest.raises(RuntimeError, match="not running"):
         _ = PolicyServer(object(), port=0).port
     other, _, _ = start_server()

@@ -143,6 +143,7 @@ class PolicyServer:
         """Bind and serve on a background thread; returns once the port is bound."""
         if self._thread is not None:
             raise RuntimeError("PolicyServer.start() called twice")
+        self._ready, self._startup_error, self._port = threading.Event(), None, None  # a restart after stop()
         self._thread = threading.Thread(target=self._thread_main, name="flashrt-serve", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout):
@@ -163,6 +164,7 @@ class PolicyServer:
                 pass
         self._thread.join(timeout)
         self._thread = None
+        self._port = None
 
     def __enter__(self) -> PolicyServer:
         return self.start()
