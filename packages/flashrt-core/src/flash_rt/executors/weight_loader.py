@@ -799,7 +799,7 @@ class WeightLoader:
         return self.target
 
     def _progress_bar(self, total: int):
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
         return tqdm(
             total=total,
