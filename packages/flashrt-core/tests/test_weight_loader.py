@@ -144,6 +144,12 @@ def test_wildcard_shape_and_per_key_shapes():
     t = Target()
     WeightLoader(DictSource(ck), spec, t).run()
     assert torch.equal(t.ab[0], ck["a"]) and torch.equal(t.ab[1], ck["b"])
+    # a 2-D wildcard for one key is a shape, not two per-key shapes
+    WeightLoader(
+        DictSource(ck), ModelWeightSpec([Item("a", [], Attr("a"), shape=(None, None))]), t, unused="ignore"
+    ).run()
+    with pytest.raises(CheckpointError, match=r"'b': expected shape \(\*, \*\), found \(4,\)"):
+        WeightLoader(DictSource(ck), ModelWeightSpec([Item("b", [], Attr("b"), shape=(None, None))]), t).run()
     bad = ModelWeightSpec([Item(["a", "b"], [], TensorList("ab"), shape=[(None, 6), (4,)])])
     with pytest.raises(CheckpointError, match=r"expected shape \(\*, 6\), found \(3, 5\)"):
         WeightLoader(DictSource(ck), bad, Target()).run()

@@ -437,7 +437,10 @@ def _as_shapes(shape, n_keys: int):
     if shape is None:
         return [None] * n_keys
     shape = list(shape)
-    if shape and all(isinstance(s, (tuple, list)) or s is None for s in shape):
+    # a list of shapes (one per key) holds tuples; a single shape holds ints / names / None
+    if any(isinstance(s, (tuple, list)) for s in shape) and all(
+        isinstance(s, (tuple, list)) or s is None for s in shape
+    ):
         if len(shape) != n_keys:
             raise ConfigError(
                 f"Item got {len(shape)} shapes for {n_keys} keys; give one per key or one for all."
