@@ -520,3 +520,38 @@ def test_large_checkpoint_is_streamed_tensor_by_tensor(tmp_path):
     assert len(out["anon"]) == n and growth < 90, (
         f"anonymous memory grew {growth:.0f} MiB (all fp16 copies: 128 MiB)"
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_safetensors_source_on_cuda_matches_cpu(tmp_path):
+    ck = {
+        f"layers.{i}.{p}": rand(32, 16, seed=10 * i + j, dtype=torch.bfloat16)
+        for i in range(2)
+        for j, p in enumerate("qkv")
+    }
+    write_safetensors(tmp_path / "model.safetensors", ck)
+    spec = ModelWeightSpec(
+        [
+            LayerBlock(
+                2,
+                [
+                    Item(
+                        ["layers.{i}.q", "layers.{i}.k", "layers.{i}.v"],
+                        [ToFp32(), InterleaveQK(8, on=(0, 1)), FusedQKV(), tT(), Quant("_s")],
+                        TensorList("qkv"),
+                    ),
+                    Item("layers.{i}.q", [ToFp16()], FlatCat("flat", align=8)),
+                ],
+            )
+        ]
+    )
+    on_cpu = WeightLoader(SafetensorsSource(tmp_path), spec).load()
+    on_gpu = WeightLoader(SafetensorsSource(tmp_path, device="cuda:0"), spec).load()
+    assert on_gpu["qkv"][0].is_cuda and on_gpu["flat"].is_cuda
+    assert on_gpu["_s"] == on_cpu["_s"]
+    for a, b in zip(on_gpu["qkv"], on_cpu["qkv"], strict=True):
+        assert torch.equal(a.cpu().view(torch.uint8), b.view(torch.uint8))
+    assert (
+        torch.equal(on_gpu["flat"].cpu(), on_cpu["flat"]) and on_gpu["flat_offsets"] == on_cpu["flat_offsets"]
+    )
