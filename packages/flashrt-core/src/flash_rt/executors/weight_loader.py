@@ -146,17 +146,33 @@ def _fmt_shape(shape) -> str:
     )
 
 
+def _tail(name: str, parts: int) -> str:
+    return ".".join(name.replace("/", ".").rsplit(".", parts)[-parts:])
+
+
 def closest_keys(key: str, candidates: Iterable[str], n: int = 3) -> list[str]:
-    """Names among ``candidates`` most similar to ``key`` (for 'did you mean' messages)."""
+    """Names among ``candidates`` most similar to ``key`` (for 'did you mean' messages).
+
+    Cheap on checkpoints of ~1000 long dotted names: a prefix added or dropped is found by
+    suffix match; otherwise difflib ranks only names with the same last two components or
+    similar last three components.
+    """
     cands = list(candidates)
-    close = difflib.get_close_matches(key, cands, n=n, cutoff=0.5)
-    if close:
-        return close
-    # Long dotted names differ in a prefix more often than in a typo: compare the tails.
-    tail = key.rsplit(".", 2)[-2:]
-    tail_s = ".".join(tail)
-    same_tail = [c for c in cands if c.endswith(tail_s)]
-    return same_tail[:n]
+    affix = [c for c in cands if c.endswith(key) or (key.endswith(c) and 2 * len(c) > len(key))]
+    if affix:
+        return sorted(affix, key=lambda c: abs(len(c) - len(key)))[:n]
+    tail = _tail(key, 2)
+    same_tail = [c for c in cands if _tail(c, 2) == tail]
+    short: dict[str, list[str]] = {}
+    for c in cands:
+        short.setdefault(_tail(c, 3), []).append(c)
+    near_tail = [
+        c
+        for t in difflib.get_close_matches(_tail(key, 3), list(short), n=4 * n, cutoff=0.5)
+        for c in short[t]
+    ]
+    pool = list(dict.fromkeys(same_tail + near_tail))
+    return difflib.get_close_matches(key, pool, n=n, cutoff=0.3)
 
 
 # --------------------------------------------------------------------------------------------
