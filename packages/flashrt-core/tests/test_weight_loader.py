@@ -294,3 +294,20 @@ def test_dict_target_and_load_returns_it():
     assert torch.equal(weights["norm_2"], ck["layers.2.norm.weight"])
     mine = {"q_w": []}
     assert WeightLoader(DictSource(ck), toy_spec(), mine).load() is mine and len(mine["q_w"]) == 3
+
+
+def test_closest_keys_prefix_typo_and_unrelated():
+    from flash_rt.executors.weight_loader import closest_keys
+
+    names = [
+        f"pwe.paligemma.model.language_model.layers.{i}.{m}.weight"
+        for i in range(18)
+        for m in ("mlp.up_proj", "mlp.down_proj", "self_attn.q_proj")
+    ]
+    # a prefix added or dropped
+    assert closest_keys("model." + names[7], names) == [names[7]]
+    assert closest_keys(names[7].removeprefix("pwe."), names) == [names[7]]
+    # a renamed module keeps the layer
+    got = closest_keys("pwe.paligemma.model.language_model.layers.6.ffn.up_proj.weight", names)
+    assert got[0] == "pwe.paligemma.model.language_model.layers.6.mlp.up_proj.weight"
+    assert closest_keys("something.else", names) == []
