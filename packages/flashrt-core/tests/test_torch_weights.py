@@ -188,6 +188,46 @@ def test_header_with_inconsistent_offsets(tmp_path):
         SafetensorsSource(p)
 
 
+def test_bad_metadata_and_non_object_entries(tmp_path):
+    p = tmp_path / "x.safetensors"
+    for hdr, why in [
+        ({"__metadata__": ["a"]}, "__metadata__ must map strings"),
+        ({"a": [1, 2]}, "'a'.*malformed"),
+    ]:
+        raw = json.dumps(hdr).encode()
+        p.write_bytes(len(raw).to_bytes(8, "little") + raw)
+        with pytest.raises(CheckpointError, match=why):
+            SafetensorsSource(p)
+
+
+def test_fuzzed_files_give_checkpoint_errors_only(tmp_path):
+    """Random cuts and byte flips in the header: a clean load or a CheckpointError, nothing else."""
+    import random
+
+    good = _good_file(tmp_path).read_bytes()
+    n_header = 8 + int.from_bytes(good[:8], "little")
+    r = random.Random(0)
+    p = tmp_path / "fuzz.safetensors"
+    outcomes = set()
+    for trial in range(150):
+        data = bytearray(good)
+        if trial % 3 == 0:
+            data = data[: r.randrange(len(data))]
+        else:
+            for _ in range(r.randint(1, 4)):
+                data[r.randrange(n_header)] = r.randrange(256)
+        p.write_bytes(bytes(data))
+        try:
+            src = SafetensorsSource(p)
+            for k in src.keys():
+                src.read(k)
+            outcomes.add("ok")
+        except CheckpointError as e:
+            assert "fuzz.safetensors" in str(e)
+            outcomes.add("error")
+    assert outcomes == {"ok", "error"}
+
+
 def test_index_naming_a_missing_shard(tmp_path):
     write_sharded(tmp_path, random_checkpoint())
     os.remove(tmp_path / "model-00002-of-00002.safetensors")

@@ -223,6 +223,11 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
     data_start = 8 + n
     data_size = size - data_start
     furthest = 0
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(
+            f"{path}: the safetensors __metadata__ must map strings to strings, found {meta!r:.200}"
+        )
     for name, info in header.items():
         if name == "__metadata__":
             continue
