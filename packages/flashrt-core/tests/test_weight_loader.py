@@ -296,6 +296,22 @@ def test_dict_target_and_load_returns_it():
     assert WeightLoader(DictSource(ck), toy_spec(), mine).load() is mine and len(mine["q_w"]) == 3
 
 
+def test_loading_twice_does_not_double_lists_or_scales():
+    from flash_rt.executors.torch_weights import Quant
+
+    ck = toy_checkpoint()
+    spec = ModelWeightSpec(
+        [LayerBlock(3, [Item("layers.{i}.q.weight", [Quant("_scales")], TensorList("q"))])]
+    )
+    t = Target()
+    loader = WeightLoader(DictSource(ck), spec, t, unused="ignore")
+    loader.run()
+    first = list(t._scales)
+    loader.run()
+    WeightLoader(DictSource(ck), spec, t, unused="ignore").run()
+    assert len(t.q) == 3 and t._scales == first
+
+
 def test_closest_keys_prefix_typo_and_unrelated():
     from flash_rt.executors.weight_loader import closest_keys
 

@@ -262,7 +262,7 @@ class JaxQuant(Transform):
             raise ConfigError("JaxQuant takes one array; combine the Item's arrays first (NumpyConcat)")
         bits, scale = quantize_fp8_e4m3_numpy(value)
         if self.scale_into is not None:
-            append_target(ctx.target, ctx.fmt(self.scale_into), scale)
+            append_target(ctx.target, ctx.fmt(self.scale_into), scale, ctx)
         if self.scale_attr is not None:
             set_target(ctx.target, ctx.fmt(self.scale_attr), scale)
         return bits
@@ -284,7 +284,7 @@ class NumpyAttr(Sink):
 
 
 class NumpyList(Sink):
-    """Append to a list attribute (created on first use)."""
+    """Append to a list attribute, one entry per item / layer (a new list for each load)."""
 
     def __init__(self, name: str):
         self.name = name
@@ -292,7 +292,7 @@ class NumpyList(Sink):
     def store(self, value, ctx: LoadContext) -> None:
         name = ctx.fmt(self.name)
         for v in value if isinstance(value, list) else [value]:
-            append_target(ctx.target, name, np.asarray(v))
+            append_target(ctx.target, name, np.asarray(v), ctx)
 
 
 def _upload(arr: np.ndarray, dtype, device: int):

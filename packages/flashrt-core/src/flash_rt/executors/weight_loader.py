@@ -429,16 +429,23 @@ def set_target(target: Any, name: str, value: Any) -> None:
         setattr(target, name, value)
 
 
-def append_target(target: Any, name: str, value: Any) -> None:
-    """Append to the list ``name`` of the target (created on first use)."""
+def append_target(target: Any, name: str, value: Any, ctx: LoadContext | None = None) -> None:
+    """Append to the list ``name`` of the target.
+
+    With ``ctx`` (inside a load) the list is started afresh on its first append of each run, so
+    loading twice never leaves layers or scales doubled; without it, an existing list is
+    extended (created if absent)."""
+    fresh = ctx is not None and not ctx.state(("list", name)).get("started")
     lst = target.get(name) if isinstance(target, MutableMapping) else getattr(target, name, None)
-    if lst is None:
-        lst = []
-        set_target(target, name, lst)
-    elif not isinstance(lst, list):
+    if lst is not None and not isinstance(lst, list):
         raise ConfigError(
             f"{name!r} of the load target is a {type(lst).__name__}, expected a list to append to"
         )
+    if lst is None or fresh:
+        lst = []
+        set_target(target, name, lst)
+        if ctx is not None:
+            ctx.state(("list", name))["started"] = True
     lst.append(value)
 
 
