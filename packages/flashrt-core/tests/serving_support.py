@@ -117,7 +117,9 @@ class ServeProcess:
     def __init__(self, tmp_path, args, env=None, servetest=True):
         self.log_path = tmp_path / "serve.log"
         self._log = open(self.log_path, "w")
-        command = [sys.executable, str(HERE / "serving_cli_launcher.py")] + (["--servetest"] if servetest else []) + ["serve", *args]
+        # servetest: our launcher registers the test model first; otherwise the real `flashrt` command
+        launcher = [str(HERE / "serving_cli_launcher.py"), "--servetest"] if servetest else ["-m", "flash_rt.cli"]
+        command = [sys.executable, *launcher, "serve", *args]
         self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})})
         self.port = self._wait_for_port()
