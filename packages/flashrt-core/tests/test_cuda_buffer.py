@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+
 from flash_rt.core import cuda_buffer
 from flash_rt.core.cuda_buffer import CudaBuffer, PinnedHostBuffer, host_decode, host_encode, resolve_dtype
 from flash_rt.errors import ConfigError, HardwareError, InputError

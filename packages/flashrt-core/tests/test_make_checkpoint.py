@@ -9,6 +9,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
+
 from flash_rt.errors import ConfigError
 from flash_rt.models.paligemma_tokenizer import STANDIN_TOKENIZER
 from flash_rt.models.pi_checkpoint import load_pi_checkpoint
@@ -20,7 +22,6 @@ from flash_rt.models.pi_make_checkpoint import (
     write_safetensors_streaming,
 )
 from flash_rt.models.pi_params import expected_tensors, num_parameters
-from safetensors.torch import load_file
 
 HAS_ORBAX = importlib.util.find_spec("orbax") is not None and importlib.util.find_spec("jax") is not None
 

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from flash_rt.models.paligemma_expert import PiReferenceBase, sinusoidal_time_embedding
 from flash_rt.models.pi_config import PiConfig
-from torch import nn
 
 
 class Pi0Reference(PiReferenceBase):
