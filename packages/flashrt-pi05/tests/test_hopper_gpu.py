@@ -135,8 +135,8 @@ def _true_size_case(true_size, num_views, precision, ops):
         k_cos, v_cos = [], []
         for layer in range(config.paligemma.depth):
             k_ref, v_ref = ht.prefix_kv_of_reference(want["kv"], layer, pipe.num_image_tokens, n)
-            k_cos.append(ht.cosine(pipe.k_cache[layer, : k_ref.shape[0]], k_ref))
-            v_cos.append(ht.cosine(pipe.v_cache[layer, : v_ref.shape[0]], v_ref))
+            k_cos.append(ht.cosine(pipe.k_layers[layer][: k_ref.shape[0]], k_ref))
+            v_cos.append(ht.cosine(pipe.v_layers[layer][: v_ref.shape[0]], v_ref))
         m["prefix_k_cos_min"], m["prefix_v_cos_min"] = min(k_cos), min(v_cos)
         m["prefix_k_cos_worst_layer"] = int(np.argmin(k_cos))
         v1 = pipe.velocity(bucket, inputs["noise"], 0)
@@ -293,4 +293,41 @@ def test_cache_frames_denoise_only_graph(true_size):
         assert float(np.abs(fresh - first).max()) > 0
     finally:
         del frontend
+        _free()
+
+
+@pytest.mark.parametrize("backend_name", ["sdpa", "rtx_fa2"])
+def test_attention_backend_protocol_on_gpu(true_size, backend_name):
+    """The joint site through a pluggable AttentionBackend: core's SDPA backend (torch slots) and
+    the pointer-only FA2 backend (slots wrapped via __cuda_array_interface__)."""
+    config, ref = true_size
+    n = PROMPT_LEN[config.model_type]
+    inputs = ht.random_inputs(config, 2, n, seed=77, device="cuda")
+    want = ht.run_reference(ref, config, inputs)["actions"]
+    cls = ht.pipeline_class(config.model_type)
+    probe = _pipeline(config, ref, 2, "bf16", ops="torch")
+    spec = probe.attention_spec()
+    del probe
+    _free()
+    try:
+        if backend_name == "sdpa":
+            from flash_rt.hardware.sdpa_backend import TorchSdpaBackend
+
+            backend = TorchSdpaBackend(spec, device="cuda", dtype=torch.bfloat16)
+        else:
+            from flash_rt.hardware.rtx.attn_backend import RtxFlashAttnBackend
+
+            backend = RtxFlashAttnBackend(spec, dtype="bf16")
+    except Exception as exc:  # the FA2 backend needs flashrt-kernels' flash_rt_fa2
+        pytest.skip(f"{backend_name} backend unavailable: {type(exc).__name__}: {exc}")
+    pipe = cls(ref.state_dict(), config, num_views=2, use_fp8=False, attention_backend=backend)
+    try:
+        ht.load_pipeline_inputs(pipe, config, inputs)
+        got = torch.from_numpy(pipe.infer())
+        cos = ht.cosine(got, want)
+        _report("attention_backend", {"model": config.model_type, "backend": backend_name, "ops": pipe.ops.name,
+                                      "actions_cos": cos})
+        assert cos >= ACTION_COS["bf16"]
+    finally:
+        del pipe, backend
         _free()

@@ -59,15 +59,15 @@ def test_stages_and_actions_match_reference_fp32(model, num_views):
     assert ht.cosine(got, want["image_tokens"]) >= COS_FP32
     assert ht.rel_err(got, want["image_tokens"]) < 1e-4
 
-    pipe.k_cache.fill_(float("nan"))
-    pipe.v_cache.fill_(float("nan"))
+    for cache in (*pipe.k_layers, *pipe.v_layers):
+        cache.fill_(float("nan"))
     pipe.run_prefix(bucket)
     pipe.run_after_prefix(bucket)
     for layer in range(config.paligemma.depth):
         k_ref, v_ref = ht.prefix_kv_of_reference(want["kv"], layer, pipe.num_image_tokens, prompt_len)
         n = k_ref.shape[0]
-        assert ht.rel_err(pipe.k_cache[layer, :n], k_ref) < 1e-4, f"prefix K of layer {layer}"
-        assert ht.rel_err(pipe.v_cache[layer, :n], v_ref) < 1e-4, f"prefix V of layer {layer}"
+        assert ht.rel_err(pipe.k_layers[layer][:n], k_ref) < 1e-4, f"prefix K of layer {layer}"
+        assert ht.rel_err(pipe.v_layers[layer][:n], v_ref) < 1e-4, f"prefix V of layer {layer}"
 
     v1 = pipe.velocity(bucket, inputs["noise"], 0)
     assert ht.cosine(v1, want["v1"]) >= COS_FP32
@@ -192,3 +192,26 @@ def test_euler_times_follow_openpi_fp32_loop():
     assert len(times) == 10 and times[0] == 1.0
     assert abs(times[-1] - 0.1) < 1e-6
     assert len(euler_times(3)) == 3
+
+
+def test_attention_through_the_backend_protocol(model):
+    """A pluggable AttentionBackend (here core's SDPA reference) runs the joint site; its K/V slots
+    are the KV cache. Same actions as the ops' own attention."""
+    from flash_rt.hardware.sdpa_backend import TorchSdpaBackend
+
+    config, state_dict, ref = model
+    inputs = ht.random_inputs(config, 2, 8, seed=41)
+    want = ht.run_reference(ref, config, inputs)["actions"]
+    cls = ht.pipeline_class(config.model_type)
+    spec = cls(state_dict, config, num_views=2, use_fp8=False).attention_spec()
+    assert spec.sites.keys() == {"joint"}
+    backend = TorchSdpaBackend(spec, device="cpu", dtype=torch.float32)
+    pipe = cls(state_dict, config, num_views=2, use_fp8=False, attention_backend=backend)
+    assert pipe.k_layers[0].data_ptr() == backend.get_slot_ptrs("joint", 0)["K"]
+    ht.load_pipeline_inputs(pipe, config, inputs)
+    got = torch.from_numpy(pipe.infer())
+    assert ht.cosine(got, want) >= COS_FP32 and ht.rel_err(got, want) < 1e-4
+    wrong = TorchSdpaBackend(type(spec)().add_site("prefix", num_layers=1, num_q_heads=8, num_kv_heads=1,
+                                                    head_dim=16, max_q_seq=8), device="cpu", dtype=torch.float32)
+    with pytest.raises(ConfigError, match="joint"):
+        cls(state_dict, config, num_views=2, use_fp8=False, attention_backend=wrong)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from flash_rt.errors import CalibrationError, ConfigError, InputError
+from flash_rt.errors import CalibrationError, ConfigError, HardwareError, InputError
 from flashrt_pi05.hopper_ops import FP8_MAX, Gate, Linear, Modulation, default_ops, make_linear
 
 VISION = "paligemma_with_expert.paligemma.model.vision_tower.vision_model."
@@ -40,6 +40,7 @@ LLM = "paligemma_with_expert.paligemma.model.language_model."
 EXPERT = "paligemma_with_expert.gemma_expert.model."
 
 ROPE_MAX_WAVELENGTH = 10_000.0
+JOINT_SITE = "joint"
 TIME_MIN_PERIOD, TIME_MAX_PERIOD = 4e-3, 4.0
 
 
@@ -116,6 +117,7 @@ class PaliGemmaHopperPipeline:
         max_prompt_len: int | None = None,
         ops="auto",
         use_graphs: bool | None = None,
+        attention_backend=None,
     ):
         self.config = config
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -146,6 +148,7 @@ class PaliGemmaHopperPipeline:
         self.max_prefix = self.num_image_tokens + self.max_prompt_len
         self.max_total = self.max_prefix + self.suffix_extra_tokens + self.horizon
 
+        self.attention_backend = attention_backend  # None: the ops' own attention (fastest)
         sd = _StateDict(state_dict, self.device)
         with torch.no_grad():
             self._prepare_vision(sd)
@@ -267,9 +270,13 @@ class PaliGemmaHopperPipeline:
         self.suffix_x = torch.empty((self.horizon, exp.width), device=dev, dtype=res)
         self.vision_x = torch.empty((self.num_views * c.vision.num_patches, c.vision.width), device=dev, dtype=res)
         self.positions = torch.arange(self.max_total, device=dev, dtype=torch.int32)
-        cache_shape = (llm.depth, self.max_total, llm.num_kv_heads, llm.head_dim)
-        self.k_cache = torch.empty(cache_shape, device=dev, dtype=self.act_dtype)
-        self.v_cache = torch.empty(cache_shape, device=dev, dtype=self.act_dtype)
+        if self.attention_backend is None:
+            cache_shape = (llm.depth, self.max_total, llm.num_kv_heads, llm.head_dim)
+            self.k_cache = torch.empty(cache_shape, device=dev, dtype=self.act_dtype)
+            self.v_cache = torch.empty(cache_shape, device=dev, dtype=self.act_dtype)
+            self.k_layers, self.v_layers = list(self.k_cache), list(self.v_cache)
+        else:  # the KV cache is the backend's K/V slots of the joint site
+            self._bind_attention_backend()
         self.rope_cos, self.rope_sin = rope_tables(self.max_total, llm.head_dim, dev)
         if self.is_cuda:
             self.actions_host = torch.empty(self.actions.shape, dtype=f32, pin_memory=True)
@@ -280,7 +287,7 @@ class PaliGemmaHopperPipeline:
 
     def buffer_bytes(self) -> int:
         bufs = [self.images, self.noise, self.x_t, self.actions, self.prefix_x, self.suffix_x, self.vision_x,
-                self.k_cache, self.v_cache]
+                *self.k_layers, *self.v_layers]
         return sum(b.numel() * b.element_size() for b in bufs)
 
     # ------------------------------------------------------------------ stages (eager = capture)
@@ -323,16 +330,86 @@ class PaliGemmaHopperPipeline:
             q = self._rope_qkv(ops.linear(h, layer.qkv), i, 0, n, d.num_heads)
             if layer.o is None:  # last layer: only its K/V are ever read (by the suffix)
                 break
-            y = ops.linear(ops.attention(q, self.k_cache[i, :n], self.v_cache[i, :n]), layer.o)
+            y = ops.linear(self._attend(q, i, n), layer.o)
             h = ops.rms_norm(x, lin=layer.gate_up, y=y)
             y = ops.linear(ops.geglu(ops.linear(h, layer.gate_up), out_for=layer.down), layer.down)
 
     def _rope_qkv(self, qkv, layer, start, n, num_heads):
         return self.ops.rope_qkv(
-            qkv, num_heads=num_heads, k_cache=self.k_cache[layer], v_cache=self.v_cache[layer], start=start,
+            qkv, num_heads=num_heads, k_cache=self.k_layers[layer], v_cache=self.v_layers[layer], start=start,
             cos=self.rope_cos[start : start + n], sin=self.rope_sin[start : start + n],
             positions=self.positions[start : start + n],
         )
+
+    def _attend(self, q, layer, kv_len):
+        """q (T, H, D) over the first kv_len cached keys of ``layer`` -> (T, H * D)."""
+        if self.attention_backend is None:
+            return self.ops.attention(q, self.k_layers[layer][:kv_len], self.v_layers[layer][:kv_len])
+        t = q.shape[0]
+        self.q_slot[:t].copy_(q)
+        stream = torch.cuda.current_stream().cuda_stream if self.is_cuda else 0
+        rc = self.attention_backend.run(JOINT_SITE, layer, t, kv_seq=kv_len, stream=stream)
+        if rc:
+            raise HardwareError(f"{type(self.attention_backend).__name__}.run({JOINT_SITE!r}, {layer}) returned {rc}")
+        return self.o_slot[:t].reshape(t, -1)
+
+    # ------------------------------------------------------------------ AttentionBackend protocol
+    def attention_spec(self):
+        """The pipeline's attention site for a pluggable ``AttentionBackend``: "joint", one
+        attention per Gemma layer over [prefix ; suffix] (the LLM and the expert share it), whose
+        K/V slots are the KV cache. The prefix runs it with q_seq = kv_seq = P; a denoise step
+        with q_seq = 50 rows of Q (its own K/V written at rows P..P+49) and kv_seq = P + 50.
+        SigLIP's per-image attention stays with the ops."""
+        from flash_rt.hardware.backend import AttentionSpec  # noqa: PLC0415
+
+        d = self.config.paligemma
+        return AttentionSpec().add_site(
+            JOINT_SITE, num_layers=d.depth, num_q_heads=d.num_heads, num_kv_heads=d.num_kv_heads,
+            head_dim=d.head_dim, max_q_seq=self.max_prefix, max_kv_seq=self.max_total,
+        )
+
+    def _bind_attention_backend(self):
+        backend, d = self.attention_backend, self.config.paligemma
+        if JOINT_SITE not in backend.sites():
+            raise ConfigError(
+                f"the attention backend has sites {backend.sites()}; the Pi pipeline needs {JOINT_SITE!r}: build "
+                "it from pipeline.attention_spec() (or an AttentionSpec with the same site)"
+            )
+        want = (d.num_heads, d.num_kv_heads, d.head_dim)
+        got = (backend.num_q_heads(JOINT_SITE), backend.num_kv_heads(JOINT_SITE), backend.head_dim(JOINT_SITE))
+        if got != want:
+            raise ConfigError(f"attention backend site {JOINT_SITE!r} has (q heads, kv heads, head_dim) {got}; need {want}")
+        hd, hq, hkv = d.head_dim, d.num_heads, d.num_kv_heads
+        self.k_layers, self.v_layers = [], []
+        for layer in range(d.depth):
+            slots = self._slots(layer)
+            self.k_layers.append(slots["K"][: self.max_total].view(self.max_total, hkv, hd))
+            self.v_layers.append(slots["V"][: self.max_total].view(self.max_total, hkv, hd))
+        slots = self._slots(0)
+        self.q_slot = slots["Q"][: self.max_prefix].view(self.max_prefix, hq, hd)
+        self.o_slot = slots["O"][: self.max_prefix].view(self.max_prefix, hq, hd)
+
+    def _slots(self, layer) -> dict:
+        """The backend's slots of the joint site as tensors (torch backends hand them out;
+        others give device pointers, wrapped here through __cuda_array_interface__)."""
+        backend = self.attention_backend
+        if hasattr(backend, "slot_tensors"):
+            slots = backend.slot_tensors(JOINT_SITE, layer)
+            bad = [k for k, t in slots.items() if t.dtype != self.act_dtype or t.device.type != self.device.type]
+            if bad:
+                raise ConfigError(
+                    f"attention backend slots {bad} are {slots[bad[0]].dtype} on {slots[bad[0]].device}; the "
+                    f"pipeline computes in {self.act_dtype} on {self.device}"
+                )
+            return slots
+        if not self.is_cuda:
+            raise ConfigError("a pointer-only attention backend needs a CUDA pipeline")
+        d = self.config.paligemma
+        ptrs = backend.get_slot_ptrs(JOINT_SITE, layer)
+        q_rows, kv_rows = self.max_prefix, self.max_total
+        shapes = {"Q": (q_rows, d.num_heads, d.head_dim), "O": (q_rows, d.num_heads, d.head_dim),
+                  "K": (kv_rows, d.num_kv_heads, d.head_dim), "V": (kv_rows, d.num_kv_heads, d.head_dim)}
+        return {k: _device_tensor(ptrs[k], shapes[k], self.act_dtype, self.device) for k in shapes}
 
     def expert_layers(self, x, start, step, *, stop_after_kv=False):
         """The expert over suffix tokens x (residual stream, in place) at cache positions
@@ -347,7 +424,7 @@ class PaliGemmaHopperPipeline:
             q = self._rope_qkv(ops.linear(h, layer.qkv), i, start, x.shape[0], d.num_heads)
             if stop_after_kv and i == last:
                 return None, None
-            y = ops.linear(ops.attention(q, self.k_cache[i, :end], self.v_cache[i, :end]), layer.o)
+            y = ops.linear(self._attend(q, i, end), layer.o)
             h = self.expert_norm(x, step, i, 1, lin=layer.gate_up, y=y, gate=self.expert_gate(step, i, 0))
             y = ops.linear(ops.geglu(ops.linear(h, layer.gate_up), out_for=layer.down), layer.down)
             gate = self.expert_gate(step, i, 1)
@@ -726,6 +803,19 @@ class _StateDict:
                 f"state_dict has {len(left)} parameters the Hopper pipeline does not use, e.g. {left[:3]}; "
                 "is this the right model type?"
             )
+
+
+def _device_tensor(ptr: int, shape, dtype, device) -> torch.Tensor:
+    """A tensor over memory someone else owns (an attention backend's slot), without a copy."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    typestr = {1: "|u1", 2: "<i2", 4: "<f4"}[itemsize]
+
+    class _Interface:
+        __cuda_array_interface__ = {"shape": tuple(shape), "typestr": typestr, "data": (ptr, False), "version": 3,
+                                    "strides": None}
+
+    raw = torch.as_tensor(_Interface(), device=device)
+    return raw if itemsize == 4 and dtype == torch.float32 else raw.view(dtype)
 
 
 def _fold_layer_norm(w, b, gamma, beta):
