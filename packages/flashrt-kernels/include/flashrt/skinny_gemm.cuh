@@ -1,0 +1,301 @@
+// Skinny GEMM for M <= 64:  Y[M, N] = alpha * X[M, K] @ W[N, K]^T (+ bias[N]) (+ residual[M, N]), bf16.
+//
+// With 50 rows of X the weight is read once and used 50 times: the kernel is a weight stream, and
+// the goal is HBM speed. Why it is built the way it is:
+// - Tensor cores with the roles swapped: W rows are the MMA's M side (m16n8k16), X rows its N side,
+//   so 50 rows pad to 56/64 instead of 64/128.
+// - K is a reduction, so any permutation of k applied to both operands is free: each thread loads
+//   16 contiguous bytes of W (and of X) and feeds them straight into its fragment registers, no
+//   shared memory staging and no shuffles. A warp's two loads per row cover 128 contiguous bytes.
+// - Split-K inside the block (warps interleave 64-wide k chunks) and across a thread-block cluster
+//   (sm_90: the partial tiles are summed through distributed shared memory, in a fixed order, so
+//   the result is deterministic and needs no workspace). Before sm_90 the cluster split is 1.
+#pragma once
+
+#include <cooperative_groups.h>
+
+#include <algorithm>
+
+#include "flashrt/common.cuh"
+
+namespace flashrt {
+
+struct SkinnyGemmParams {
+  const __nv_bfloat16* x = nullptr;         // [M, K]
+  const __nv_bfloat16* w = nullptr;         // [N, K]
+  __nv_bfloat16* y = nullptr;               // [M, N]
+  const __nv_bfloat16* bias = nullptr;      // [N] or null
+  const __nv_bfloat16* residual = nullptr;  // [M, N] or null (may equal y)
+  float alpha = 1.0f;
+  int m = 0, n = 0, k = 0;
+};
+
+namespace skinny {
+
+constexpr int kWarps = 8;        // per block
+constexpr int kRowGroups = 4;    // 16-row MMA tiles of W per block -> 64 W rows per block
+constexpr int kKWarps = kWarps / kRowGroups;  // warps splitting k inside the block
+constexpr int kRows = 16 * kRowGroups;
+constexpr int kChunkK = 64;      // k per warp step: two m16n8k16 per 32 k
+constexpr int kUnroll = 2;       // chunks loaded before the first MMA of a round
+constexpr int kMaxSplit = 16;
+
+__device__ __forceinline__ void mma_bf16_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                               uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// X fragments: reused by every warp, so cached in L1. asm volatile keeps each load next to its MMA
+// (also volatile) instead of letting the compiler hoist a whole round of them into registers.
+__device__ __forceinline__ uint4 load_or_zero(const __nv_bfloat16* p, bool ok) {
+  uint4 v = make_uint4(0, 0, 0, 0);
+  if (ok) {
+    asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+  }
+  return v;
+}
+
+// Streams W past the SM: no reuse, so keep it out of L1 (X, reused by every warp, stays there).
+__device__ __forceinline__ uint4 load_stream_or_zero(const __nv_bfloat16* p, bool ok) {
+  uint4 v = make_uint4(0, 0, 0, 0);
+  if (ok) {
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+  }
+  return v;
+}
+
+template <int MT>
+__global__ void __launch_bounds__(kWarps * 32, 2) skinny_gemm_kernel(SkinnyGemmParams p) {
+  constexpr int kCols = MT * 8;         // padded X rows handled by this instantiation
+  constexpr int kLd = kCols + 1;        // smem row stride (odd: spreads the banks)
+  __shared__ float tile[kRows * kLd];
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, q = lane & 3;
+  const int rg = warp % kRowGroups, kw = warp / kRowGroups;
+  const int n0 = blockIdx.x * kRows;
+
+  int split = 1, rank = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  split = int(cluster.num_blocks());
+  rank = int(cluster.block_rank());
+#endif
+  const int n_chunks = (p.k + kChunkK - 1) / kChunkK;
+  const int per_split = (n_chunks + split - 1) / split;
+  const int c_begin = rank * per_split;
+  const int c_end = min(n_chunks, c_begin + per_split);
+
+  const int row_lo = n0 + rg * 16 + g, row_hi = row_lo + 8;
+  const __nv_bfloat16* w_lo = p.w + int64_t(min(row_lo, p.n - 1)) * p.k;
+  const __nv_bfloat16* w_hi = p.w + int64_t(min(row_hi, p.n - 1)) * p.k;
+  const bool ok_lo = row_lo < p.n, ok_hi = row_hi < p.n;
+
+  // X row g of n-tile t is x_g + t * 8 * K (read only when that row exists).
+  const __nv_bfloat16* x_g = p.x + int64_t(g) * p.k;
+  const int x_tile_stride = 8 * p.k;
+
+  float acc[MT][4];
+#pragma unroll
+  for (int t = 0; t < MT; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f;
+
+#pragma unroll 1
+  for (int c0 = c_begin + kw; c0 < c_end; c0 += kKWarps * kUnroll) {
+    // Issue every W load of the round first: these are the bytes that must be in flight.
+    uint4 a[kUnroll][2][2];  // [chunk][half of 64 k][row lo / hi]
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int c = c0 + u * kKWarps;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int kk = c * kChunkK + h * 32 + q * 8;
+        const bool in = c < c_end && kk < p.k;
+        a[u][h][0] = load_stream_or_zero(w_lo + kk, in && ok_lo);
+        a[u][h][1] = load_stream_or_zero(w_hi + kk, in && ok_hi);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int c = c0 + u * kKWarps;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int kk = c * kChunkK + h * 32 + q * 8;
+        const bool in = c < c_end && kk < p.k;
+#pragma unroll
+        for (int t = 0; t < MT; ++t) {
+          const int xr = t * 8 + g;
+          const uint4 b = load_or_zero(x_g + (t * x_tile_stride + kk), in && xr < p.m);
+          const uint4& lo = a[u][h][0];
+          const uint4& hi = a[u][h][1];
+          // Physical k (kk + 0..3) plays logical k (2q, 2q+1, 2q+8, 2q+9) of the first MMA,
+          // kk + 4..7 the same of the second; A and B use the same map.
+          mma_bf16_16816(acc[t], lo.x, hi.x, lo.y, hi.y, b.x, b.y);
+          mma_bf16_16816(acc[t], lo.z, hi.z, lo.w, hi.w, b.z, b.w);
+        }
+      }
+    }
+  }
+
+  // Sum the k-warps of the block into the tile, in warp order (deterministic).
+  for (int s = 0; s < kKWarps; ++s) {
+    if (kw == s) {
+#pragma unroll
+      for (int t = 0; t < MT; ++t) {
+        float* r_lo = tile + (rg * 16 + g) * kLd + t * 8 + 2 * q;
+        float* r_hi = r_lo + 8 * kLd;
+        if (s == 0) {
+          r_lo[0] = acc[t][0]; r_lo[1] = acc[t][1]; r_hi[0] = acc[t][2]; r_hi[1] = acc[t][3];
+        } else {
+          r_lo[0] += acc[t][0]; r_lo[1] += acc[t][1]; r_hi[0] += acc[t][2]; r_hi[1] += acc[t][3];
+        }
+      }
+    }
+    __syncthreads();
+  }
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (split > 1) cluster.sync();  // every block's tile is complete and visible cluster-wide
+#endif
+
+  // Each rank finishes a slice of the tile: sum over ranks in rank order, epilogue, store.
+  // Element e -> (x row m, W row r), r fastest so stores along N coalesce.
+  const int n_elems = p.m * kRows;
+  const int per_rank = (n_elems + split - 1) / split;
+  const int e_end = min(n_elems, (rank + 1) * per_rank);
+  for (int e = rank * per_rank + threadIdx.x; e < e_end; e += blockDim.x) {
+    const int m = e / kRows, r = e - m * kRows;
+    const int n = n0 + r;
+    if (n >= p.n) continue;
+    float v = 0.0f;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (split > 1) {
+      for (int s = 0; s < split; ++s) v += cluster.map_shared_rank(tile, s)[r * kLd + m];
+    } else {
+      v = tile[r * kLd + m];
+    }
+#else
+    v = tile[r * kLd + m];
+#endif
+    v *= p.alpha;
+    if (p.bias) v += __bfloat162float(p.bias[n]);
+    const int64_t o = int64_t(m) * p.n + n;
+    if (p.residual) v += __bfloat162float(p.residual[o]);
+    p.y[o] = __float2bfloat16_rn(v);
+  }
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (split > 1) cluster.sync();  // keep this block's tile alive until every rank has read it
+#endif
+}
+
+}  // namespace skinny
+
+// Cluster split along K: as many blocks as fill the GPU twice, at least one 64-k chunk per warp.
+inline int skinny_gemm_split(int n, int k, int num_sms, bool clusters_ok) {
+  if (!clusters_ok) return 1;
+  const int row_blocks = int(ceil_div(n, skinny::kRows));
+  const int n_chunks = int(ceil_div(k, skinny::kChunkK));
+  int limit = std::min({skinny::kMaxSplit, std::max(1, 2 * num_sms / std::max(1, row_blocks)),
+                        std::max(1, n_chunks / skinny::kKWarps)});
+  int split = 1;
+  while (split * 2 <= limit) split *= 2;
+  return split;
+}
+
+template <int MT>
+inline cudaError_t skinny_gemm_launch_mt(const SkinnyGemmParams& p, int split, cudaStream_t stream) {
+  auto kernel = skinny::skinny_gemm_kernel<MT>;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(unsigned(ceil_div(p.n, skinny::kRows)), unsigned(split), 1);
+  cfg.blockDim = dim3(skinny::kWarps * 32, 1, 1);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 1;
+  attr[0].val.clusterDim.y = unsigned(split);
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = split > 1 ? 1 : 0;
+  if (split > 8) {
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaLaunchKernelEx(&cfg, kernel, p);
+}
+
+struct SkinnyDeviceInfo {
+  int num_sms = 0;
+  bool clusters = false;
+  int max_cluster = 1;
+};
+
+// Device facts, read once per device (cheap lookups afterwards; safe during graph capture).
+inline cudaError_t skinny_device_info(SkinnyDeviceInfo* info) {
+  static SkinnyDeviceInfo cache[64];
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (dev < 0 || dev >= 64) return cudaErrorInvalidDevice;
+  if (cache[dev].num_sms == 0) {
+    int sms = 0, major = 0;
+    if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess) return err;
+    if ((err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev)) != cudaSuccess) return err;
+    SkinnyDeviceInfo d;
+    d.num_sms = sms;
+    d.clusters = major >= 9;
+    d.max_cluster = 1;
+    if (d.clusters) {
+      // Largest cluster split the device accepts for this kernel (16 needs the non-portable opt-in).
+      d.max_cluster = 8;
+      auto kernel = skinny::skinny_gemm_kernel<8>;
+      if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess) {
+        cudaLaunchConfig_t cfg = {};
+        cfg.gridDim = dim3(1, 16, 1);
+        cfg.blockDim = dim3(skinny::kWarps * 32, 1, 1);
+        cudaLaunchAttribute attr[1];
+        attr[0].id = cudaLaunchAttributeClusterDimension;
+        attr[0].val.clusterDim.x = 1;
+        attr[0].val.clusterDim.y = 16;
+        attr[0].val.clusterDim.z = 1;
+        cfg.attrs = attr;
+        cfg.numAttrs = 1;
+        int clusters = 0;
+        if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess && clusters > 0) d.max_cluster = 16;
+      }
+      cudaGetLastError();
+    }
+    cache[dev] = d;
+  }
+  *info = cache[dev];
+  return cudaSuccess;
+}
+
+// M in [1, 64]; K % 8 == 0; x, w 16-byte aligned. split = 0 chooses; otherwise a power of two.
+inline cudaError_t skinny_gemm_launch(const SkinnyGemmParams& p, int split, cudaStream_t stream) {
+  if (p.m <= 0 || p.n <= 0) return cudaSuccess;
+  if (p.m > 64 || p.k <= 0 || p.k % 8 != 0) return cudaErrorInvalidValue;
+  SkinnyDeviceInfo info;
+  cudaError_t err = skinny_device_info(&info);
+  if (err != cudaSuccess) return err;
+  if (split <= 0) {
+    split = skinny_gemm_split(p.n, p.k, info.num_sms, info.clusters);
+    split = std::min(split, info.max_cluster);
+  }
+  if (split > 1 && (!info.clusters || split > skinny::kMaxSplit || (split & (split - 1)) != 0))
+    return cudaErrorInvalidValue;
+  if (p.m <= 8) return skinny_gemm_launch_mt<1>(p, split, stream);
+  if (p.m <= 16) return skinny_gemm_launch_mt<2>(p, split, stream);
+  return skinny_gemm_launch_mt<8>(p, split, stream);  // (an MT=4 variant spilled; 8 covers 17..64)
+}
+
+}  // namespace flashrt
