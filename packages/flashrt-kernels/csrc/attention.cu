@@ -1,6 +1,13 @@
 #include "flashrt/api.h"
 #include "flashrt/attention.cuh"
 
+// The kernels themselves are instantiated in attention_bf16.cu / attention_fp16.cu (two TUs build
+// in parallel); this file holds the entry points.
+namespace flashrt {
+cudaError_t attention_bf16(const AttnParams& p, int head_dim, cudaStream_t stream);
+cudaError_t attention_fp16(const AttnParams& p, int head_dim, cudaStream_t stream);
+}  // namespace flashrt
+
 namespace flashrt::api {
 
 int attention(int dtype, Addr q, Addr k, Addr v, Addr o, Strides3 q_strides, Strides3 k_strides,
@@ -30,8 +37,8 @@ int attention(int dtype, Addr q, Addr k, Addr v, Addr o, Strides3 q_strides, Str
   p.o_accum = reinterpret_cast<float*>(o_accum);
   p.num_splits = num_splits;
   auto s = reinterpret_cast<cudaStream_t>(stream);
-  if (dtype == 0) return int(attention_launch<__nv_bfloat16>(p, head_dim, s));
-  if (dtype == 1) return int(attention_launch<__half>(p, head_dim, s));
+  if (dtype == 0) return int(attention_bf16(p, head_dim, s));
+  if (dtype == 1) return int(attention_fp16(p, head_dim, s));
   return int(cudaErrorInvalidValue);
 }
 

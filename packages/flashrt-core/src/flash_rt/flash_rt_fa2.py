@@ -23,7 +23,8 @@ from flash_rt import flash_rt_kernels as _fk
 __all__ = ["fwd_fp16", "fwd_bf16"]
 
 
-def _fwd(dtype: str, Q: int, K: int, V: int, O: int, softmax_lse: int, softmax_lse_accum: int, o_accum: int, *,
+def _fwd(dtype: str, Q: int, K: int, V: int, O: int, softmax_lse: int,  # noqa: E741 (the seed's names)
+         softmax_lse_accum: int, o_accum: int, *,
          batch: int, seqlen_q: int, seqlen_k: int, num_heads_q: int, num_heads_kv: int, head_dim: int,
          q_strides: Sequence[int], k_strides: Sequence[int], v_strides: Sequence[int],
          o_strides: Sequence[int], softmax_scale: float, num_sms: int, stream: int) -> None:
@@ -36,7 +37,7 @@ def _fwd(dtype: str, Q: int, K: int, V: int, O: int, softmax_lse: int, softmax_l
         o_accum=o_accum if split else 0, num_splits=0 if split else 1, num_sms=num_sms, stream=stream)
 
 
-def fwd_fp16(Q, K, V, O, softmax_lse, softmax_lse_accum=0, o_accum=0, *, batch, seqlen_q, seqlen_k,
+def fwd_fp16(Q, K, V, O, softmax_lse, softmax_lse_accum=0, o_accum=0, *, batch, seqlen_q, seqlen_k,  # noqa: E741
              num_heads_q, num_heads_kv, head_dim, q_strides, k_strides, v_strides, o_strides,
              softmax_scale=1.0, num_sms=0, stream=0) -> None:
     """Attention forward, float16. See the module docstring."""
@@ -46,7 +47,7 @@ def fwd_fp16(Q, K, V, O, softmax_lse, softmax_lse_accum=0, o_accum=0, *, batch, 
          softmax_scale=softmax_scale, num_sms=num_sms, stream=stream)
 
 
-def fwd_bf16(Q, K, V, O, softmax_lse, softmax_lse_accum=0, o_accum=0, *, batch, seqlen_q, seqlen_k,
+def fwd_bf16(Q, K, V, O, softmax_lse, softmax_lse_accum=0, o_accum=0, *, batch, seqlen_q, seqlen_k,  # noqa: E741
              num_heads_q, num_heads_kv, head_dim, q_strides, k_strides, v_strides, o_strides,
              softmax_scale=1.0, num_sms=0, stream=0) -> None:
     """Attention forward, bfloat16. See the module docstring."""

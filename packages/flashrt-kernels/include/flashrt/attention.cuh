@@ -368,9 +368,16 @@ inline cudaError_t attention_launch_d(AttnParams p, cudaStream_t stream) {
   using S = attn::Shape<D>;
   auto kernel = attn::attn_fwd_kernel<T, D>;
   const size_t smem = S::template smem_bytes<T>();
+  static int smem_set_for_device = -1;  // the attribute is per device; set it once (not per launch)
   if (smem > 48 * 1024) {
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    int dev = 0;
+    cudaError_t err = cudaGetDevice(&dev);
     if (err != cudaSuccess) return err;
+    if (smem_set_for_device != dev) {
+      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+      if (err != cudaSuccess) return err;
+      smem_set_for_device = dev;
+    }
   }
   const int splits = std::max(1, std::min(p.num_splits, kAttnMaxSplits));
   const int per = int(ceil_div(ceil_div(p.seqlen_k, splits), S::kBlockN) * S::kBlockN);

@@ -213,15 +213,19 @@ def gemm(x: int, w: int, out: int, m: int, n: int, k: int, *, workspace: int, wo
          dtype: str = "bf16", bias: int = 0, residual: int = 0, alpha: float = 1.0, beta: float = 1.0,
          x_scale: int = 0, w_scale: int = 0, epilogue: str = "none", autotune: int = 0,
          stream: int = 0) -> None:
-    """out[m, n] = epi(alpha * x_scale * w_scale * x[m, k] @ w[n, k]^T + bias[n]) + beta * residual[m, n].
+    """out[m, n] = alpha * x_scale * w_scale * (x[m, k] @ w[n, k]^T) + bias[n] + beta * residual[m, n].
 
     cuBLASLt. x and w: bf16, or both E4M3 (dtype="fp8"; then x_scale / w_scale point at their fp32
     per-tensor scales, 0 = 1.0). out, bias, residual: bf16; residual may be ``out`` (in place).
-    epilogue: "none" or "gelu_tanh" (cuBLASLt's GELU). autotune 0 / 3 / 5: heuristic / time 8 / time
+    epilogue="gelu_tanh" applies cuBLASLt's GELU to (product + bias); not combinable with residual
+    (cuBLASLt would add the residual before the GELU). autotune 0 / 3 / 5: heuristic / time 8 / time
     32 candidates, once per shape (not while the stream is capturing a graph: tune before capture).
     """
     dt = _choice("dtype", dtype, GEMM_DTYPES)
     epi = _choice("epilogue", epilogue, GEMM_EPILOGUES)
+    if epi and residual:
+        raise ValueError("gemm: epilogue='gelu_tanh' cannot be combined with residual (the residual would be "
+                         "added before the GELU); add the residual in a separate pass")
     for name, v in (("m", m), ("n", n), ("k", k)):
         _need_size(name, v)
     _need_size("k", k, multiple=16 if dt == 1 else 8)
