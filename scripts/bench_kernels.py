@@ -22,10 +22,9 @@ import subprocess
 import sys
 import traceback
 
+import flashrt_kernels as fk
 import torch
 import torch.nn.functional as F
-
-import flashrt_kernels as fk
 
 DEV = "cuda"
 BF16 = torch.bfloat16
@@ -235,6 +234,21 @@ def case_skinny(m, k_dim, n, workspace=None):
     return time_graph(ours), time_graph(base), wbytes, 2 * m * n * k_dim, f"torch.matmul (cuBLASLt tuned {t_lt:.1f} us)"
 
 
+def case_skinny_fp8(m, k_dim, n, workspace=None):
+    wbytes = n * k_dim
+    k = n_sets(wbytes)
+    x8 = rnd(m, k_dim).to(torch.float8_e4m3fn)
+    ws = [rnd(n, k_dim, scale=0.5).to(torch.float8_e4m3fn) for _ in range(k)]
+    s = torch.ones(1, device=DEV)
+    out = torch.empty(m, n, dtype=BF16, device=DEV)
+    ours = [lambda i=i: fk.skinny_gemm(x8.data_ptr(), ws[i].data_ptr(), out.data_ptr(), m, n, k_dim, dtype="fp8",
+                                       x_scale=s.data_ptr(), w_scale=s.data_ptr(), stream=stream()) for i in range(k)]
+    lt = [lambda i=i: fk.gemm(x8.data_ptr(), ws[i].data_ptr(), out.data_ptr(), m, n, k_dim, dtype="fp8",
+                              x_scale=s.data_ptr(), w_scale=s.data_ptr(), workspace=workspace.data_ptr(),
+                              workspace_size=workspace.numel(), autotune=5, stream=stream()) for i in range(k)]
+    return time_graph(ours), time_graph(lt), wbytes, 2 * m * n * k_dim, "cuBLASLt fp8 (tuned)"
+
+
 def _sdpa_cudnn(q, k, v, mask=None):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -309,6 +323,9 @@ def main() -> int:
         ("skinny_gemm", "50x4096->1024", lambda: case_skinny(50, 4096, 1024, workspace)),
         ("skinny_gemm", "50x1024->2048", lambda: case_skinny(50, 1024, 2048, workspace)),
         ("skinny_gemm", "50x1024->2560", lambda: case_skinny(50, 1024, 2560, workspace)),
+        ("skinny_gemm_fp8", "50x1024->4096", lambda: case_skinny_fp8(50, 1024, 4096, workspace)),
+        ("skinny_gemm_fp8", "50x4096->1024", lambda: case_skinny_fp8(50, 4096, 1024, workspace)),
+        ("skinny_gemm_fp8", "50x1024->2048", lambda: case_skinny_fp8(50, 1024, 2048, workspace)),
         ("gemm_bf16", "968x2048->2560", lambda: case_gemm(968, 2048, 2560, workspace=workspace)),
         ("gemm_bf16", "968x2048->32768", lambda: case_gemm(968, 2048, 32768, workspace=workspace)),
         ("gemm_bf16", "968x16384->2048", lambda: case_gemm(968, 16384, 2048, workspace=workspace)),

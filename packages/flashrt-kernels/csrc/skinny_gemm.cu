@@ -4,10 +4,13 @@
 namespace flashrt::api {
 
 int skinny_gemm(Addr x, Addr w, Addr y, Addr bias, Addr residual, float alpha, int m, int n, int k, int split,
-                Addr stream) {
+                bool fp8, Addr x_scale, Addr w_scale, Addr stream) {
   SkinnyGemmParams p;
-  p.x = reinterpret_cast<const __nv_bfloat16*>(x);
-  p.w = reinterpret_cast<const __nv_bfloat16*>(w);
+  p.x = reinterpret_cast<const void*>(x);
+  p.w = reinterpret_cast<const void*>(w);
+  p.fp8 = fp8;
+  p.x_scale = reinterpret_cast<const float*>(x_scale);
+  p.w_scale = reinterpret_cast<const float*>(w_scale);
   p.y = reinterpret_cast<__nv_bfloat16*>(y);
   p.bias = reinterpret_cast<const __nv_bfloat16*>(bias);
   p.residual = reinterpret_cast<const __nv_bfloat16*>(residual);

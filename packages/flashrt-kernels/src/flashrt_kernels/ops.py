@@ -251,22 +251,26 @@ def gemm_cache_size() -> int:
 
 
 def skinny_gemm(x: int, w: int, out: int, m: int, n: int, k: int, *, bias: int = 0, residual: int = 0,
-                alpha: float = 1.0, split: int = 0, stream: int = 0) -> None:
-    """out[m, n] = alpha * x[m, k] @ w[n, k]^T (+ bias[n]) (+ residual[m, n]) for m <= 64, bf16.
+                alpha: float = 1.0, dtype: str = "bf16", x_scale: int = 0, w_scale: int = 0, split: int = 0,
+                stream: int = 0) -> None:
+    """out[m, n] = alpha * sx * sw * x[m, k] @ w[n, k]^T (+ bias[n]) (+ residual[m, n]) for m <= 64.
 
-    Streams w at near-HBM speed (tensor cores, cluster split-K on sm_90). residual may be ``out``.
-    split: 0 chooses; else a power of two <= 16 (sm_90 and newer only).
+    Streams w at near-HBM speed (tensor cores, cluster split-K on sm_90). x, w: bf16, or both E4M3
+    (dtype="fp8", sm_89+, k % 16 == 0) with x_scale / w_scale pointing at fp32 scales (0 = 1.0).
+    out, bias, residual: bf16; residual may be ``out``. split: 0 chooses; else a power of two <= 16.
     """
+    dt = _choice("dtype", dtype, GEMM_DTYPES)
     _need_size("m", m)
     if m > SKINNY_MAX_M:
         raise ValueError(f"skinny_gemm: m must be <= {SKINNY_MAX_M}, got {m}; use gemm() for larger m")
     _need_size("n", n)
-    _need_size("k", k, multiple=8)
+    _need_size("k", k, multiple=16 if dt else 8)
     if split not in (0, 1, 2, 4, 8, 16):
         raise ValueError(f"split: expected 0 (auto) or a power of two <= 16, got {split!r}")
     rc = _C.skinny_gemm(_need_ptr("x", x), _need_ptr("w", w), _need_ptr("out", out, 2),
                         _need_ptr("bias", bias, 2, True), _need_ptr("residual", residual, 2, True), float(alpha),
-                        m, n, k, split, _stream(stream))
+                        m, n, k, split, bool(dt), _need_ptr("x_scale", x_scale, 4, True),
+                        _need_ptr("w_scale", w_scale, 4, True), _stream(stream))
     _raise_if(rc, "skinny_gemm")
 
 
