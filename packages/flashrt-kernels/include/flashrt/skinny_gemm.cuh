@@ -264,9 +264,11 @@ inline cudaError_t skinny_gemm_launch_mt(const SkinnyGemmParams& p, int split, c
   attr[0].val.clusterDim.z = 1;
   cfg.attrs = attr;
   cfg.numAttrs = split > 1 ? 1 : 0;
-  if (split > 8) {
+  static bool non_portable_set = false;  // a function attribute: set once, not on every launch
+  if (split > 8 && !non_portable_set) {
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
     if (err != cudaSuccess) return err;
+    non_portable_set = true;
   }
   return cudaLaunchKernelEx(&cfg, kernel, p);
 }
