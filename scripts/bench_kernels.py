@@ -66,6 +66,15 @@ def time_graph(calls, per_graph: int = 20, replays: int = 30, warmup: int = 3) -
     return statistics.median(times)
 
 
+def maybe_time(calls, **kw):
+    """Baselines may not support a shape (e.g. torch._scaled_mm wants multiples of 16): None then."""
+    try:
+        return time_graph(calls, **kw)
+    except Exception as exc:
+        print(f"  baseline failed: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
+        return None
+
+
 def rnd(*shape, dtype=BF16, scale=1.0):
     return (torch.randn(*shape, device=DEV) * scale).to(dtype)
 
@@ -128,7 +137,7 @@ def case_rms_norm(rows, hidden, fp8=False, residual=False):
         return y.to(torch.float8_e4m3fn) if fp8 else y.to(BF16)
 
     base = [lambda i=i: torch_ref(i) for i in range(k)]
-    return time_graph(ours), time_graph(base), per, 0, "torch composition"
+    return time_graph(ours), maybe_time(base), per, 0, "torch composition"
 
 
 def case_layer_norm(rows, hidden):
@@ -140,7 +149,7 @@ def case_layer_norm(rows, hidden):
     ours = [lambda i=i: fk.layer_norm(xs[i].data_ptr(), w.data_ptr(), b.data_ptr(), outs[i].data_ptr(), rows,
                                       hidden, stream=stream()) for i in range(k)]
     base = [lambda i=i: F.layer_norm(xs[i], (hidden,), w, b, 1e-6) for i in range(k)]
-    return time_graph(ours), time_graph(base), per, 0, "F.layer_norm"
+    return time_graph(ours), maybe_time(base), per, 0, "F.layer_norm"
 
 
 def case_geglu(rows, inter, fp8=False):
@@ -152,7 +161,7 @@ def case_geglu(rows, inter, fp8=False):
     ours = [lambda i=i: fk.geglu(gus[i].data_ptr(), outs[i].data_ptr(), rows, inter,
                                  out_scale=scale.data_ptr() if fp8 else 0, stream=stream()) for i in range(k)]
     base = [lambda i=i: F.gelu(gus[i][:, :inter], approximate="tanh") * gus[i][:, inter:] for i in range(k)]
-    return time_graph(ours), time_graph(base), per, 0, "F.gelu * up"
+    return time_graph(ours), maybe_time(base), per, 0, "F.gelu * up"
 
 
 def case_quantize(n):
@@ -164,7 +173,7 @@ def case_quantize(n):
     ours = [lambda i=i: fk.quantize_fp8(xs[i].data_ptr(), outs[i].data_ptr(), n, scale.data_ptr(), stream=stream())
             for i in range(k)]
     base = [lambda i=i: (xs[i].float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn) for i in range(k)]
-    return time_graph(ours), time_graph(base), per, 0, "torch div+clamp+cast"
+    return time_graph(ours), maybe_time(base), per, 0, "torch div+clamp+cast"
 
 
 def case_rope(tokens, hq, hkv, d):
@@ -193,7 +202,7 @@ def case_rope(tokens, hq, hkv, d):
         vc.copy_(v)
 
     base = [lambda i=i: base_fn(i) for i in range(k)]
-    return time_graph(ours), time_graph(base), per, 0, "torch rope+copies"
+    return time_graph(ours), maybe_time(base), per, 0, "torch rope+copies"
 
 
 def case_gemm(m, k_dim, n, fp8=False, workspace=None, autotune=3):
@@ -215,7 +224,7 @@ def case_gemm(m, k_dim, n, fp8=False, workspace=None, autotune=3):
                                 workspace_size=workspace.numel(), autotune=autotune, stream=stream())]
         base = [lambda: torch.matmul(x, w.t())]
         name = "torch.matmul"
-    return time_graph(ours), time_graph(base), (m * k_dim + n * k_dim) * (1 if fp8 else 2) + m * n * 2, flops, name
+    return time_graph(ours), maybe_time(base), (m * k_dim + n * k_dim) * (1 if fp8 else 2) + m * n * 2, flops, name
 
 
 def case_skinny(m, k_dim, n, workspace=None):
@@ -230,8 +239,9 @@ def case_skinny(m, k_dim, n, workspace=None):
     lt = [lambda i=i: fk.gemm(x.data_ptr(), ws[i].data_ptr(), out.data_ptr(), m, n, k_dim,
                               workspace=workspace.data_ptr(), workspace_size=workspace.numel(), autotune=5,
                               stream=stream()) for i in range(k)]
-    t_lt = time_graph(lt)
-    return time_graph(ours), time_graph(base), wbytes, 2 * m * n * k_dim, f"torch.matmul (cuBLASLt tuned {t_lt:.1f} us)"
+    t_lt = maybe_time(lt)
+    lt_note = f"{t_lt:.1f} us" if t_lt else "failed"
+    return time_graph(ours), maybe_time(base), wbytes, 2 * m * n * k_dim, f"torch.matmul (cuBLASLt tuned {lt_note})"
 
 
 def case_skinny_fp8(m, k_dim, n, workspace=None):
@@ -246,7 +256,7 @@ def case_skinny_fp8(m, k_dim, n, workspace=None):
     lt = [lambda i=i: fk.gemm(x8.data_ptr(), ws[i].data_ptr(), out.data_ptr(), m, n, k_dim, dtype="fp8",
                               x_scale=s.data_ptr(), w_scale=s.data_ptr(), workspace=workspace.data_ptr(),
                               workspace_size=workspace.numel(), autotune=5, stream=stream()) for i in range(k)]
-    return time_graph(ours), time_graph(lt), wbytes, 2 * m * n * k_dim, "cuBLASLt fp8 (tuned)"
+    return time_graph(ours), maybe_time(lt), wbytes, 2 * m * n * k_dim, "cuBLASLt fp8 (tuned)"
 
 
 def _sdpa_cudnn(q, k, v, mask=None):
@@ -282,13 +292,10 @@ def case_attention(sq, sk, hq, hkv, d, with_mask=False, split=False):
     vt = v.transpose(1, 2).repeat_interleave(hq // hkv, dim=1).contiguous()
     amask = mask.bool()[:, None, None, :] if with_mask else None
     name = "SDPA cuDNN"
-    try:
-        base = [lambda: _sdpa_cudnn(qt, kt, vt, amask)]
-        t_base = time_graph(base)
-    except Exception:
+    t_base = maybe_time([lambda: _sdpa_cudnn(qt, kt, vt, amask)])
+    if t_base is None:
         name = "SDPA default"
-        base = [lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=amask)]
-        t_base = time_graph(base)
+        t_base = maybe_time([lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=amask)])
     return time_graph(ours), t_base, (sq * hq + 2 * sk * hkv) * d * 2 * 2, flops, name
 
 
@@ -306,6 +313,7 @@ def main() -> int:
     out_path = args.out or os.path.join(os.environ.get("OUT") or ".", "bench_kernels.json")
     props = torch.cuda.get_device_properties(0)
     ceil = measure_ceilings(args.quick)
+    print(f"  ceilings: {ceil}", flush=True)
     workspace = torch.empty(fk.GEMM_WORKSPACE_BYTES, dtype=torch.uint8, device=DEV)
 
     cases = [
@@ -348,7 +356,7 @@ def main() -> int:
         try:
             ours, base, nbytes, flops, base_name = fn()
             row = {"op": op, "shape": shape, "us": ours, "baseline_us": base, "baseline": base_name,
-                   "speedup": base / ours, "bytes": nbytes, "flops": flops,
+                   "speedup": base / ours if base else None, "bytes": nbytes, "flops": flops,
                    "TBps": nbytes / (ours * 1e-6) / 1e12, "TFLOPs": flops / (ours * 1e-6) / 1e12 if flops else None}
             if op.startswith("skinny"):
                 row["bound"], row["of_ceiling"] = "weight TB/s", row["TBps"] / ceil["copy_TBps"]
@@ -361,6 +369,8 @@ def main() -> int:
             row = {"op": op, "shape": shape, "error": f"{type(exc).__name__}: {exc}",
                    "trace": traceback.format_exc(limit=3)}
         rows.append(row)
+        # progress line: if the run is cut off, the log still says how far it got
+        print(f"  {op} {shape}: " + (f"{row['us']:.2f} us" if "error" not in row else row["error"][:120]), flush=True)
         torch.cuda.empty_cache()
 
     try:
@@ -385,8 +395,9 @@ def main() -> int:
             continue
         rate = f"{r['TFLOPs']:.0f} TFLOP/s" if r["bound"] == "TFLOP/s" else f"{r['TBps']:.2f} TB/s"
         pct = f"{100 * r['of_ceiling']:.0f}" if r.get("of_ceiling") is not None else "-"
-        print(f"{r['op']:<18} {r['shape']:<22} {r['us']:8.2f} {rate:>14} {pct:>6} {r['baseline_us']:8.2f} "
-              f"{r['speedup']:7.2f}  {r['baseline']}")
+        base_us = f"{r['baseline_us']:8.2f}" if r["baseline_us"] else f"{'-':>8}"
+        speed = f"{r['speedup']:7.2f}" if r["speedup"] else f"{'-':>7}"
+        print(f"{r['op']:<18} {r['shape']:<22} {r['us']:8.2f} {rate:>14} {pct:>6} {base_us} {speed}  {r['baseline']}")
     return 0 if all("error" not in r for r in rows) else 1
 
 
