@@ -340,15 +340,16 @@ __global__ void attn_combine_kernel(AttnParams p, int head_dim) {
 
 }  // namespace attn
 
-// Splits that bring the grid closest to whole waves over the SMs, preferring fewer (each split
-// costs an fp32 partial round trip); 1 when the grid already fills the GPU or no scratch is given.
+// Splits that bring the grid closest to whole waves over the SMs, preferring fewer: each split
+// costs an fp32 partial round trip through memory, so a grid that already covers half the SMs
+// (a prefix: ~100 blocks of 64 rows) is left alone; decode-style grids (a few row tiles) split.
 inline int attention_num_splits(int batch, int seqlen_q, int seqlen_k, int heads_q, int heads_kv, int head_dim,
                                 int num_sms) {
   if (num_sms <= 0 || seqlen_k <= 0 || heads_kv <= 0) return 1;
   const int block_n = head_dim > 128 ? 32 : 64;
   const int64_t blocks =
       ceil_div(int64_t(seqlen_q) * (heads_q / heads_kv), kAttnBlockM) * int64_t(batch) * heads_kv;
-  if (blocks >= int64_t(num_sms) * 8 / 10) return 1;
+  if (2 * blocks >= num_sms) return 1;
   const int key_tiles = int(ceil_div(seqlen_k, block_n));
   const int max_splits = std::min<int>(kAttnMaxSplits, std::max(1, key_tiles / 2));
   double best_eff = 0.0;
