@@ -77,15 +77,25 @@ grep -E "spill|Used [0-9]+ registers" "$OUT/build_kernels.log" > "$OUT/ptxas.txt
 (cd /tmp && $PY -c "import flashrt_kernels as fk; print('flashrt_kernels', fk.__version__, fk.built_archs(), 'devices', fk.device_count())") \
   > "$OUT/import.txt" 2>&1
 
-# 3. GPU tests: the kernels' first (their own log), then every other package's
-T_TESTS=$(limit 150 100)
+# 3. GPU tests: each kernel test file in its own process (a device fault in one cannot take the
+#    others down), then every other package's gpu tests.
 t0=$(stamp)
-timeout "$T_TESTS" $PY -m pytest -m gpu packages/flashrt-kernels/tests -q -rfEs -p no:cacheprovider \
-  --junitxml="$OUT/pytest_gpu_kernels.xml" > "$OUT/pytest_gpu_kernels.log" 2>&1
-test_rc=$?
+test_rc=0
+test_lines=""
+for f in packages/flashrt-kernels/tests/test_kernels_gpu_*.py; do
+  name=$(basename "$f" .py)
+  T_FILE=$(limit 90 100)
+  timeout "$T_FILE" $PY -m pytest -m gpu "$f" -q -rfEs -p no:cacheprovider \
+    --junitxml="$OUT/pytest_$name.xml" > "$OUT/pytest_$name.log" 2>&1
+  rc=$?
+  [ $rc -ne 0 ] && test_rc=$rc
+  line=$(grep -E "(passed|failed|error|skipped|no tests ran)" "$OUT/pytest_$name.log" | tail -1)
+  [ $rc -eq 124 ] && line="TIMEOUT after ${T_FILE} s; last: $line"
+  test_lines="$test_lines
+  ${name#test_kernels_gpu_}: rc=$rc $line"
+done
+cat "$OUT"/pytest_test_kernels_gpu_*.log > "$OUT/pytest_gpu_kernels.log"
 t1=$(stamp)
-test_line=$(grep -E "(passed|failed|error|skipped|no tests ran)" "$OUT/pytest_gpu_kernels.log" | tail -1)
-[ $test_rc -eq 124 ] && test_line="TIMEOUT after ${T_TESTS} s; last: $test_line"
 T_OTHER=$(limit 60 95)
 timeout "$T_OTHER" $PY -m pytest -m gpu packages --ignore=packages/flashrt-kernels -q -rfEs -p no:cacheprovider \
   --junitxml="$OUT/pytest_gpu_other.xml" > "$OUT/pytest_gpu_other.log" 2>&1
@@ -107,7 +117,7 @@ echo "==================== gpu_check summary ($(date -u +%FT%TZ)) ==============
 say "device:  $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
 say "import:  $(tail -1 "$OUT/import.txt")"
 say "build:   $build_msg; ptxas: $(grep -c 'registers' "$OUT/ptxas.txt") kernels, $(grep -cE '[1-9][0-9]* bytes spill stores' "$OUT/ptxas.txt") with spills"
-say "kernel tests: rc=$test_rc in $((t1 - t0)) s: $test_line"
+say "kernel tests: rc=$test_rc in $((t1 - t0)) s:$test_lines"
 grep -E "^(FAILED|ERROR)" "$OUT/pytest_gpu_kernels.log" | head -30 | cut -c1-220 | tee -a "$SUMMARY"
 say "other gpu tests: rc=$other_rc in $((t1b - t1)) s: $other_line"
 grep -E "^(FAILED|ERROR)" "$OUT/pytest_gpu_other.log" | head -10 | cut -c1-220 | tee -a "$SUMMARY"
