@@ -227,14 +227,14 @@ def case_gemm(m, k_dim, n, fp8=False, workspace=None, autotune=3):
     return time_graph(ours), maybe_time(base), (m * k_dim + n * k_dim) * (1 if fp8 else 2) + m * n * 2, flops, name
 
 
-def case_skinny(m, k_dim, n, workspace=None):
+def case_skinny(m, k_dim, n, workspace=None, pdl=True):
     wbytes = n * k_dim * 2
     k = n_sets(wbytes)
     x = rnd(m, k_dim)
     ws = [rnd(n, k_dim, scale=k_dim**-0.5) for _ in range(k)]
     out = torch.empty(m, n, dtype=BF16, device=DEV)
-    ours = [lambda i=i: fk.skinny_gemm(x.data_ptr(), ws[i].data_ptr(), out.data_ptr(), m, n, k_dim, stream=stream())
-            for i in range(k)]
+    ours = [lambda i=i: fk.skinny_gemm(x.data_ptr(), ws[i].data_ptr(), out.data_ptr(), m, n, k_dim, pdl=pdl,
+                                       stream=stream()) for i in range(k)]
     base = [lambda i=i: torch.matmul(x, ws[i].t()) for i in range(k)]
     lt = [lambda i=i: fk.gemm(x.data_ptr(), ws[i].data_ptr(), out.data_ptr(), m, n, k_dim,
                               workspace=workspace.data_ptr(), workspace_size=workspace.numel(), autotune=5,
@@ -330,6 +330,7 @@ def main() -> int:
         ("skinny_gemm", "50x1024->4096", lambda: case_skinny(50, 1024, 4096, workspace)),
         ("skinny_gemm", "50x4096->1024", lambda: case_skinny(50, 4096, 1024, workspace)),
         ("skinny_gemm", "50x1024->2048", lambda: case_skinny(50, 1024, 2048, workspace)),
+        ("skinny_gemm noPDL", "50x1024->4096", lambda: case_skinny(50, 1024, 4096, workspace, pdl=False)),
         ("skinny_gemm", "50x1024->2560", lambda: case_skinny(50, 1024, 2560, workspace)),
         ("skinny_gemm_fp8", "50x1024->4096", lambda: case_skinny_fp8(50, 1024, 4096, workspace)),
         ("skinny_gemm_fp8", "50x4096->1024", lambda: case_skinny_fp8(50, 4096, 1024, workspace)),

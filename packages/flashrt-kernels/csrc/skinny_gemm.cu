@@ -4,11 +4,12 @@
 namespace flashrt::api {
 
 int skinny_gemm(Addr x, Addr w, Addr y, Addr bias, Addr residual, float alpha, int m, int n, int k, int split,
-                bool fp8, Addr x_scale, Addr w_scale, Addr stream) {
+                bool fp8, Addr x_scale, Addr w_scale, bool pdl, Addr stream) {
   SkinnyGemmParams p;
   p.x = reinterpret_cast<const void*>(x);
   p.w = reinterpret_cast<const void*>(w);
   p.fp8 = fp8;
+  p.pdl = pdl;
   p.x_scale = reinterpret_cast<const float*>(x_scale);
   p.w_scale = reinterpret_cast<const float*>(w_scale);
   p.y = reinterpret_cast<__nv_bfloat16*>(y);

@@ -242,6 +242,6 @@ def test_launch_errors_are_raised_with_cuda_message():
         fk.skinny_gemm(0x1000, 0x2000, 0x3000, 50, 64, 60)
     from flashrt_kernels import _C
 
-    rc = _C.skinny_gemm(0x1000, 0x2000, 0x3000, 0, 0, 1.0, 80, 64, 64, 0, False, 0, 0, 0)  # m > 64, C level
+    rc = _C.skinny_gemm(0x1000, 0x2000, 0x3000, 0, 0, 1.0, 80, 64, 64, 0, False, 0, 0, True, 0)  # m > 64, C level
     assert rc == 1 and "invalid argument" in fk.error_string(rc)
     assert math.isfinite(float(fk.attention_num_splits(1, 50, 1018, 8, 1, 256)))

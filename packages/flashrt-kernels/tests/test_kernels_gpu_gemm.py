@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 fk = pytest.importorskip("flashrt_kernels", reason="flashrt_kernels is not installed")
 
 from flashrt_kernels_testlib import (  # noqa: E402
+    BF16,
     DEV,
     E4M3,
     check,
@@ -183,6 +184,58 @@ def test_skinny_gemm_fp8(m, k, n):
     ref = gemm_ref(x8.double() * xs, w8.double() * ws, 1.5, bias, res)
     check_rel(out, ref, rel=5e-3, what="skinny fp8")
     check(out, ref, atol=1e-2 * ref.abs().max().item(), rtol=1e-2, what="skinny fp8")
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_skinny_gemm_chain_with_programmatic_dependent_launch(graph):
+    """Each GEMM reads the previous one's output (and one input a torch kernel just rewrote): the
+    weight prefetch before the grid-dependency wait must never let x / residual be read early."""
+    m, dims = 50, [1024, 4096, 1024, 2048, 1024]
+    x = rnd(m, dims[0])
+    ws = [rnd(dims[i + 1], dims[i], scale=dims[i] ** -0.5) for i in range(len(dims) - 1)]
+    res = rnd(m, dims[-1])
+
+    def run(pdl, outs, s):
+        cur = x
+        for i, w in enumerate(ws):
+            last = i == len(ws) - 1
+            if last:
+                outs[i].copy_(res)  # a torch kernel writes the residual right before the GEMM reads it
+            fk.skinny_gemm(cur.data_ptr(), w.data_ptr(), outs[i].data_ptr(), m, w.shape[0], w.shape[1],
+                           residual=outs[i].data_ptr() if last else 0, pdl=pdl, stream=s)
+            if i == 1:
+                outs[i].mul_(0.5)  # torch rewrites an intermediate the next GEMM reads
+            cur = outs[i]
+
+    results = {}
+    for pdl in (False, True):
+        outs = [poisoned(m, w.shape[0]) for w in ws]
+        if graph:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                run(pdl, outs, s.cuda_stream)  # warm-up (device facts, attributes)
+            s.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, stream=s):
+                run(pdl, outs, s.cuda_stream)
+            for o in outs:
+                o.fill_(float("nan"))
+            g.replay()
+        else:
+            run(pdl, outs, stream())
+        torch.cuda.synchronize()
+        results[pdl] = outs
+    for a, b in zip(results[False], results[True], strict=True):
+        assert torch.equal(a, b), "PDL changed a result: an input was read before its producer finished"
+    ref = x.double()
+    for i, w in enumerate(ws):
+        ref = ref @ w.double().T
+        if i == 1:
+            ref = ref * 0.5
+        ref = ref.to(BF16).double()  # the chain stores bf16 between GEMMs
+    ref = ref + res.double()
+    check(results[True][-1], ref, atol=2e-2 * ref.abs().max().item(), rtol=2e-2, what="skinny chain")
 
 
 def test_skinny_gemm_is_deterministic_and_graph_capturable():

@@ -32,7 +32,7 @@ void gemm_cache_clear();
 size_t gemm_cache_size();
 
 int skinny_gemm(Addr x, Addr w, Addr y, Addr bias, Addr residual, float alpha, int m, int n, int k, int split,
-                bool fp8, Addr x_scale, Addr w_scale, Addr stream);
+                bool fp8, Addr x_scale, Addr w_scale, bool pdl, Addr stream);
 
 int rope_qkv(Addr qkv, Addr positions, Addr q_out, Addr k_cache, Addr v_cache, int tokens, int heads_q,
              int heads_kv, int head_dim, int64_t cache_offset, float theta, float q_scale, Addr stream);

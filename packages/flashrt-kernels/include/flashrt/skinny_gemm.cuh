@@ -32,6 +32,7 @@ struct SkinnyGemmParams {
   float alpha = 1.0f;
   int m = 0, n = 0, k = 0;
   bool fp8 = false;                         // W8A8 E4M3 (sm_89+): half the weight bytes
+  bool pdl = true;                          // sm_90: stream the weights while the previous kernel ends
 };
 
 namespace skinny {
@@ -68,6 +69,14 @@ __device__ __forceinline__ void mma_step(float (&c)[4], uint32_t a0, uint32_t a1
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
   }
+}
+
+// Programmatic dependent launch (sm_90): wait until the preceding kernel of the stream has
+// completed and its writes are visible. A no-op when the kernel was launched without PDL.
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
 }
 
 // X fragments: reused by every warp, so cached in L1. asm volatile keeps each load next to its MMA
@@ -155,6 +164,9 @@ __global__ void __launch_bounds__(kWarps * 32, MT >= 8 ? 1 : 2) skinny_gemm_kern
         a[u][h][1] = load_stream_or_zero(w_hi_r + off * kElem, in && ok_hi);
       }
     }
+    // Weights are constant, so they may be read before the previous kernel in the stream is done
+    // (programmatic dependent launch); X / residual / Y only after this point.
+    grid_dependency_wait();  // returns at once after the first round
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
 #pragma unroll
@@ -176,6 +188,8 @@ __global__ void __launch_bounds__(kWarps * 32, MT >= 8 ? 1 : 2) skinny_gemm_kern
       }
     }
   }
+
+  grid_dependency_wait();  // (warps without chunks) before any global write
 
   // Sum the k-warps of the block into the tile, in warp order (deterministic).
   for (int s = 0; s < kKWarps; ++s) {
@@ -250,20 +264,29 @@ inline int skinny_gemm_split(int n, int k, bool fp8, int num_sms, bool clusters_
 }
 
 template <int MT, bool FP8>
-inline cudaError_t skinny_gemm_launch_mt(const SkinnyGemmParams& p, int split, cudaStream_t stream) {
+inline cudaError_t skinny_gemm_launch_mt(const SkinnyGemmParams& p, int split, bool pdl, cudaStream_t stream) {
   auto kernel = skinny::skinny_gemm_kernel<MT, FP8>;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(unsigned(ceil_div(p.n, skinny::kRows)), unsigned(split), 1);
   cfg.blockDim = dim3(skinny::kWarps * 32, 1, 1);
   cfg.dynamicSmemBytes = 0;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = 1;
-  attr[0].val.clusterDim.y = unsigned(split);
-  attr[0].val.clusterDim.z = 1;
+  cudaLaunchAttribute attr[2];
+  int n_attr = 0;
+  if (split > 1) {
+    attr[n_attr].id = cudaLaunchAttributeClusterDimension;
+    attr[n_attr].val.clusterDim.x = 1;
+    attr[n_attr].val.clusterDim.y = unsigned(split);
+    attr[n_attr].val.clusterDim.z = 1;
+    ++n_attr;
+  }
+  if (pdl) {
+    attr[n_attr].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n_attr].val.programmaticStreamSerializationAllowed = 1;
+    ++n_attr;
+  }
   cfg.attrs = attr;
-  cfg.numAttrs = split > 1 ? 1 : 0;
+  cfg.numAttrs = n_attr;
   static bool non_portable_set = false;  // a function attribute: set once, not on every launch
   if (split > 8 && !non_portable_set) {
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
@@ -338,17 +361,18 @@ inline cudaError_t skinny_gemm_launch(const SkinnyGemmParams& p, int split, cuda
   }
   if (split > 1 && (!info.clusters || split > skinny::kMaxSplit || (split & (split - 1)) != 0))
     return cudaErrorInvalidValue;
+  const bool pdl = p.pdl && info.cc >= 90;
   // MT = n-tiles of 8 rows of X: 1, 2, 7 (the action expert's 50 / 51 rows), 8.
   if (p.fp8) {
-    if (p.m <= 8) return skinny_gemm_launch_mt<1, true>(p, split, stream);
-    if (p.m <= 16) return skinny_gemm_launch_mt<2, true>(p, split, stream);
-    if (p.m <= 56) return skinny_gemm_launch_mt<7, true>(p, split, stream);
-    return skinny_gemm_launch_mt<8, true>(p, split, stream);
+    if (p.m <= 8) return skinny_gemm_launch_mt<1, true>(p, split, pdl, stream);
+    if (p.m <= 16) return skinny_gemm_launch_mt<2, true>(p, split, pdl, stream);
+    if (p.m <= 56) return skinny_gemm_launch_mt<7, true>(p, split, pdl, stream);
+    return skinny_gemm_launch_mt<8, true>(p, split, pdl, stream);
   }
-  if (p.m <= 8) return skinny_gemm_launch_mt<1, false>(p, split, stream);
-  if (p.m <= 16) return skinny_gemm_launch_mt<2, false>(p, split, stream);
-  if (p.m <= 56) return skinny_gemm_launch_mt<7, false>(p, split, stream);
-  return skinny_gemm_launch_mt<8, false>(p, split, stream);
+  if (p.m <= 8) return skinny_gemm_launch_mt<1, false>(p, split, pdl, stream);
+  if (p.m <= 16) return skinny_gemm_launch_mt<2, false>(p, split, pdl, stream);
+  if (p.m <= 56) return skinny_gemm_launch_mt<7, false>(p, split, pdl, stream);
+  return skinny_gemm_launch_mt<8, false>(p, split, pdl, stream);
 }
 
 }  // namespace flashrt

@@ -252,12 +252,14 @@ def gemm_cache_size() -> int:
 
 def skinny_gemm(x: int, w: int, out: int, m: int, n: int, k: int, *, bias: int = 0, residual: int = 0,
                 alpha: float = 1.0, dtype: str = "bf16", x_scale: int = 0, w_scale: int = 0, split: int = 0,
-                stream: int = 0) -> None:
+                pdl: bool = True, stream: int = 0) -> None:
     """out[m, n] = alpha * sx * sw * x[m, k] @ w[n, k]^T (+ bias[n]) (+ residual[m, n]) for m <= 64.
 
     Streams w at near-HBM speed (tensor cores, cluster split-K on sm_90). x, w: bf16, or both E4M3
     (dtype="fp8", sm_89+, k % 16 == 0) with x_scale / w_scale pointing at fp32 scales (0 = 1.0).
     out, bias, residual: bf16; residual may be ``out``. split: 0 chooses; else a power of two <= 16.
+    pdl (sm_90): launch as a programmatic dependent of the previous kernel in the stream, so the
+    weight stream starts while that kernel finishes (x, residual and out are touched only after it).
     """
     dt = _choice("dtype", dtype, GEMM_DTYPES)
     _need_size("m", m)
@@ -270,7 +272,7 @@ def skinny_gemm(x: int, w: int, out: int, m: int, n: int, k: int, *, bias: int =
     rc = _C.skinny_gemm(_need_ptr("x", x), _need_ptr("w", w), _need_ptr("out", out, 2),
                         _need_ptr("bias", bias, 2, True), _need_ptr("residual", residual, 2, True), float(alpha),
                         m, n, k, split, bool(dt), _need_ptr("x_scale", x_scale, 4, True),
-                        _need_ptr("w_scale", w_scale, 4, True), _stream(stream))
+                        _need_ptr("w_scale", w_scale, 4, True), bool(pdl), _stream(stream))
     _raise_if(rc, "skinny_gemm")
 
 
