@@ -23,6 +23,7 @@ __device__ __forceinline__ float activate(float x, Activation act) {
 __global__ void bias_act_kernel(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ bias,
                                 void* __restrict__ out, int64_t rows, int64_t cols, Activation act,
                                 const float* __restrict__ out_scale) {
+  pdl_wait();
   const int64_t vec_per_row = cols / 8, n_vec = rows * vec_per_row;
   for (int64_t v = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; v < n_vec;
        v += int64_t(gridDim.x) * blockDim.x) {
@@ -43,6 +44,7 @@ __global__ void bias_act_kernel(const __nv_bfloat16* __restrict__ x, const __nv_
 // out[r, j] = gelu_tanh(gate_up[r, j]) * gate_up[r, inter + j]. inter % 8 == 0.
 __global__ void geglu_kernel(const __nv_bfloat16* __restrict__ gate_up, void* __restrict__ out,
                              int64_t rows, int64_t inter, const float* __restrict__ out_scale) {
+  pdl_wait();
   const int64_t vec_per_row = inter / 8, n_vec = rows * vec_per_row;
   for (int64_t v = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; v < n_vec;
        v += int64_t(gridDim.x) * blockDim.x) {
@@ -68,9 +70,8 @@ inline cudaError_t bias_act_launch(const __nv_bfloat16* x, const __nv_bfloat16* 
   if (rows <= 0 || cols <= 0) return cudaSuccess;
   if (cols % 8 != 0) return cudaErrorInvalidValue;
   const int threads = 256;
-  bias_act_kernel<<<elementwise_grid(rows * cols / 8, threads), threads, 0, stream>>>(
-      x, bias, out, rows, cols, act, out_scale);
-  return cudaGetLastError();
+  return launch_kernel(bias_act_kernel, dim3(elementwise_grid(rows * cols / 8, threads)), dim3(threads), 0, stream,
+                       x, bias, out, rows, cols, act, out_scale);
 }
 
 inline cudaError_t geglu_launch(const __nv_bfloat16* gate_up, void* out, int64_t rows, int64_t inter,
@@ -78,9 +79,8 @@ inline cudaError_t geglu_launch(const __nv_bfloat16* gate_up, void* out, int64_t
   if (rows <= 0 || inter <= 0) return cudaSuccess;
   if (inter % 8 != 0) return cudaErrorInvalidValue;
   const int threads = 256;
-  geglu_kernel<<<elementwise_grid(rows * inter / 8, threads), threads, 0, stream>>>(
-      gate_up, out, rows, inter, out_scale);
-  return cudaGetLastError();
+  return launch_kernel(geglu_kernel, dim3(elementwise_grid(rows * inter / 8, threads)), dim3(threads), 0, stream,
+                       gate_up, out, rows, inter, out_scale);
 }
 
 }  // namespace flashrt

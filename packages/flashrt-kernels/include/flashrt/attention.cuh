@@ -122,6 +122,7 @@ struct Shape {
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kAttnThreads) attn_fwd_kernel(AttnParams p) {
+  pdl_wait();
   using S = Shape<D>;
   constexpr int BM = kAttnBlockM, BN = S::kBlockN, LD = S::kLd, DP = S::kDp;
   constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
@@ -309,6 +310,7 @@ __global__ void __launch_bounds__(kAttnThreads) attn_fwd_kernel(AttnParams p) {
 // One warp per (b, h, query) row: weights exp(lse_s - lse) over the splits.
 template <typename T>
 __global__ void attn_combine_kernel(AttnParams p, int head_dim) {
+  pdl_wait();
   const int64_t rows_all = int64_t(p.batch) * p.heads_q * p.seqlen_q;
   const int64_t row = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x & 31;
@@ -388,12 +390,11 @@ inline cudaError_t attention_launch_d(AttnParams p, cudaStream_t stream) {
   const int64_t rows_total = int64_t(p.seqlen_q) * (p.heads_q / p.heads_kv);
   const dim3 grid(unsigned(ceil_div(rows_total, kAttnBlockM)), unsigned(p.batch * p.heads_kv),
                   unsigned(p.num_splits));
-  kernel<<<grid, kAttnThreads, smem, stream>>>(p);
-  cudaError_t err = cudaGetLastError();
+  cudaError_t err = launch_kernel(kernel, grid, dim3(kAttnThreads), smem, stream, p);
   if (err != cudaSuccess || p.num_splits == 1) return err;
   const int64_t rows_all = int64_t(p.batch) * p.heads_q * p.seqlen_q;
-  attn::attn_combine_kernel<T><<<unsigned(ceil_div(rows_all, 4)), 128, 0, stream>>>(p, D);
-  return cudaGetLastError();
+  return launch_kernel(attn::attn_combine_kernel<T>, dim3(unsigned(ceil_div(rows_all, 4))), dim3(128), 0, stream, p,
+                       int(D));
 }
 
 // head_dim in {16, 32, 48, 64, 72, 96, 128, 256}; p.num_splits as requested (1 = no split).

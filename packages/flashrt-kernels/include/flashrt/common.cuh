@@ -7,6 +7,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <utility>
 
 namespace flashrt {
 
@@ -112,6 +114,62 @@ __device__ __forceinline__ float gelu_tanh(float x) {
 }
 
 inline cudaError_t last_launch_error() { return cudaGetLastError(); }
+
+// ---------------------------------------------------------------------------------------------
+// Programmatic dependent launch (sm_90+). Every kernel here starts with pdl_wait(), so it may be
+// launched before the previous kernel in the stream has finished: its launch and block scheduling
+// overlap that kernel's tail, and nothing is read or written before the wait returns. Without the
+// launch attribute (older GPUs, FLASHRT_PDL=0) the wait is a no-op.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+inline bool pdl_allowed_by_env() {
+  static const bool allowed = [] {
+    const char* v = std::getenv("FLASHRT_PDL");
+    return !(v && v[0] == '0');
+  }();
+  return allowed;
+}
+
+// Compute capability (10 * major + minor) of the current device, cached per device.
+inline cudaError_t current_device_cc(int* cc) {
+  static int cache[64] = {0};
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (dev < 0 || dev >= 64) return cudaErrorInvalidDevice;
+  if (cache[dev] == 0) {
+    int major = 0, minor = 0;
+    if ((err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev)) != cudaSuccess) return err;
+    if ((err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev)) != cudaSuccess) return err;
+    cache[dev] = 10 * major + minor;
+  }
+  *cc = cache[dev];
+  return cudaSuccess;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...) with the PDL attribute where the device has it.
+template <typename... KArgs, typename... Args>
+inline cudaError_t launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
+                                 cudaStream_t stream, Args&&... args) {
+  int cc = 0;
+  cudaError_t err = current_device_cc(&cc);
+  if (err != cudaSuccess) return err;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = (cc >= 90 && pdl_allowed_by_env()) ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

@@ -29,6 +29,7 @@ struct NormParams {
 
 template <int VPT, bool LAYERNORM>
 __global__ void __launch_bounds__(1024) norm_kernel(NormParams p) {
+  pdl_wait();
   __shared__ float scratch[32];
   const int64_t row = blockIdx.x;
   const int nvec = p.hidden / 8;
@@ -122,14 +123,14 @@ inline cudaError_t norm_launch(const NormParams& p, bool layernorm, cudaStream_t
   const dim3 grid(unsigned(p.rows));
 #define FLASHRT_NORM_CASE(V)                                                           \
   if (vpt == V) {                                                                      \
-    if (layernorm) norm_kernel<V, true><<<grid, threads, 0, stream>>>(p);              \
-    else norm_kernel<V, false><<<grid, threads, 0, stream>>>(p);                       \
+    return layernorm ? launch_kernel(norm_kernel<V, true>, grid, dim3(threads), 0, stream, p)  \
+                     : launch_kernel(norm_kernel<V, false>, grid, dim3(threads), 0, stream, p); \
   }
   FLASHRT_NORM_CASE(1)
   FLASHRT_NORM_CASE(2)
   FLASHRT_NORM_CASE(4)
 #undef FLASHRT_NORM_CASE
-  return cudaGetLastError();
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace flashrt

@@ -10,6 +10,7 @@ namespace flashrt {
 
 __global__ void quantize_fp8_kernel(const __nv_bfloat16* __restrict__ x, uint8_t* __restrict__ out,
                                     int64_t n, const float* __restrict__ scale) {
+  pdl_wait();
   const float inv = 1.0f / __ldg(scale);
   const int64_t n_vec = n / 8;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
@@ -24,6 +25,7 @@ __global__ void quantize_fp8_kernel(const __nv_bfloat16* __restrict__ x, uint8_t
 
 // out[0] = max(out[0], max |x|). Non-negative floats order like their bit patterns as ints.
 __global__ void amax_kernel(const __nv_bfloat16* __restrict__ x, int64_t n, float* __restrict__ out) {
+  pdl_wait();
   __shared__ float scratch[32];
   const int64_t n_vec = n / 8;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
@@ -45,8 +47,7 @@ inline cudaError_t quantize_fp8_launch(const __nv_bfloat16* x, uint8_t* out, int
   if (n <= 0) return cudaSuccess;
   const int threads = 256;
   const int blocks = int(std::max<int64_t>(1, std::min<int64_t>(ceil_div(n / 8 + 1, threads), 132 * 16)));
-  quantize_fp8_kernel<<<blocks, threads, 0, stream>>>(x, out, n, scale);
-  return cudaGetLastError();
+  return launch_kernel(quantize_fp8_kernel, dim3(blocks), dim3(threads), 0, stream, x, out, n, scale);
 }
 
 inline cudaError_t amax_launch(const __nv_bfloat16* x, int64_t n, float* out, bool accumulate,
@@ -58,8 +59,7 @@ inline cudaError_t amax_launch(const __nv_bfloat16* x, int64_t n, float* out, bo
   if (n <= 0) return cudaSuccess;
   const int threads = 512;
   const int blocks = int(std::max<int64_t>(1, std::min<int64_t>(ceil_div(n / 8 + 1, threads), 132 * 4)));
-  amax_kernel<<<blocks, threads, 0, stream>>>(x, n, out);
-  return cudaGetLastError();
+  return launch_kernel(amax_kernel, dim3(blocks), dim3(threads), 0, stream, x, n, out);
 }
 
 }  // namespace flashrt

@@ -52,6 +52,7 @@ __device__ __forceinline__ void store_vec(__nv_bfloat16* p, const float (&v)[VEC
 // One block per token; each thread item is VEC pairs (i, i + D/2) of one head.
 template <int VEC>
 __global__ void rope_qkv_kernel(RopeQkvParams p) {
+  pdl_wait();
   const int t = blockIdx.x;
   const int half = p.head_dim / 2, items_per_head = half / VEC;
   const int heads = p.heads_q + 2 * p.heads_kv;
@@ -94,10 +95,10 @@ inline cudaError_t rope_qkv_launch(const RopeQkvParams& p, cudaStream_t stream) 
   if (p.head_dim < 4 || p.head_dim % 4 != 0 || p.heads_q <= 0 || p.heads_kv <= 0) return cudaErrorInvalidValue;
   const int half = p.head_dim / 2;
   const int threads = 128;
-  if (half % 8 == 0) rope_qkv_kernel<8><<<p.tokens, threads, 0, stream>>>(p);
-  else if (half % 4 == 0) rope_qkv_kernel<4><<<p.tokens, threads, 0, stream>>>(p);
-  else rope_qkv_kernel<2><<<p.tokens, threads, 0, stream>>>(p);
-  return cudaGetLastError();
+  const dim3 grid(unsigned(p.tokens)), block(threads);
+  if (half % 8 == 0) return launch_kernel(rope_qkv_kernel<8>, grid, block, 0, stream, p);
+  if (half % 4 == 0) return launch_kernel(rope_qkv_kernel<4>, grid, block, 0, stream, p);
+  return launch_kernel(rope_qkv_kernel<2>, grid, block, 0, stream, p);
 }
 
 }  // namespace flashrt
