@@ -35,9 +35,13 @@ class CudaError(RuntimeError):
         self.op, self.code = op, code
         text = _C.error_string(code)
         hint = ""
+        archs = "sm_" + ", sm_".join(built_archs())
         if code in _NO_DEVICE_CODES:
             hint = (" No usable CUDA device: flashrt_kernels ops need an NVIDIA GPU and a driver for"
-                    f" CUDA 13 (this build targets sm_{', sm_'.join(built_archs())}).")
+                    f" CUDA 13 (this build targets {archs}).")
+        elif code in (98, 209):  # invalid device function / no kernel image for this device
+            hint = (f" This build targets {archs}; rebuild for this GPU, e.g. CUDAARCHS=<compute capability,"
+                    " like 90a or 120> pip install ./packages/flashrt-kernels.")
         super().__init__(f"flashrt_kernels.{op} failed: CUDA error {code}: {text}.{hint}")
 
 
