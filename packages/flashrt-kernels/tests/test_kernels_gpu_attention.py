@@ -69,6 +69,25 @@ def test_rope_qkv_split_and_cache_write(tokens, hq, hkv, d, offset):
         "rows outside [offset, offset + tokens) must be untouched"
 
 
+@pytest.mark.parametrize("d", [256, 72])
+def test_rope_qkv_rotates_q_in_place(d):
+    tokens, hq, hkv = 50, 8, 1
+    width = (hq + 2 * hkv) * d
+    qkv = rnd(tokens, width)
+    original = qkv.clone()
+    positions = torch.arange(968, 968 + tokens, device=DEV, dtype=torch.int32)
+    k_cache, v_cache = poisoned(tokens, hkv, d), poisoned(tokens, hkv, d)
+    fk.rope_qkv(qkv.data_ptr(), positions.data_ptr(), qkv.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                tokens, hq, hkv, d, q_row_stride=width, stream=stream())
+    q, k, v = original.view(tokens, hq + 2 * hkv, d).split([hq, hkv, hkv], dim=1)
+    check(qkv.view(tokens, hq + 2 * hkv, d)[:, :hq], rope_ref(q, positions), atol=1e-2, rtol=1e-2,
+          what="rope q in place")
+    assert torch.equal(qkv.view(tokens, -1, d)[:, hq:], original.view(tokens, -1, d)[:, hq:]), \
+        "k / v inside the fused buffer must stay as they were"
+    check(k_cache, rope_ref(k, positions), atol=1e-2, rtol=1e-2, what="rope k")
+    assert torch.equal(v_cache, v)
+
+
 # ------------------------------------------------------------------------------------------------
 # attention
 

@@ -35,7 +35,8 @@ int skinny_gemm(Addr x, Addr w, Addr y, Addr bias, Addr residual, float alpha, i
                 bool fp8, Addr x_scale, Addr w_scale, bool pdl, Addr stream);
 
 int rope_qkv(Addr qkv, Addr positions, Addr q_out, Addr k_cache, Addr v_cache, int tokens, int heads_q,
-             int heads_kv, int head_dim, int64_t cache_offset, float theta, float q_scale, Addr stream);
+             int heads_kv, int head_dim, int64_t cache_offset, float theta, float q_scale, int64_t q_row_stride,
+             Addr stream);
 
 int attention(int dtype, Addr q, Addr k, Addr v, Addr o, Strides3 q_strides, Strides3 k_strides,
               Strides3 v_strides, Strides3 o_strides, int batch, int seqlen_q, int seqlen_k, int heads_q,

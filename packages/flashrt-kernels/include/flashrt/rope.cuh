@@ -1,6 +1,7 @@
 // RoPE fused with the QKV split and the KV-cache write, in one pass over the fused QKV GEMM output.
 //   qkv      [T, (Hq + 2 Hkv) * D]   (q heads, then k heads, then v heads)
-//   q_out    [T, Hq, D]              rotated (and multiplied by q_scale)
+//   q_out    [T, Hq, D]              rotated (and multiplied by q_scale); rows q_row_stride apart, so
+//                                    q_out may be the q part of qkv itself (rotation in place)
 //   k_cache  [rows, Hkv, D]          row cache_offset + t <- rotated k
 //   v_cache  [rows, Hkv, D]          row cache_offset + t <- v
 // Split-half rotation as in Gemma / openpi: for i < D/2, with x1 = x[i], x2 = x[i + D/2],
@@ -20,6 +21,7 @@ struct RopeQkvParams {
   __nv_bfloat16* v_cache = nullptr;
   int tokens = 0, heads_q = 0, heads_kv = 0, head_dim = 0;
   int64_t cache_offset = 0;  // in tokens
+  int64_t q_row_stride = 0;  // elements between q_out rows; 0 = Hq * D (contiguous)
   float theta = 10000.0f;
   float q_scale = 1.0f;
 };
@@ -81,7 +83,8 @@ __global__ void rope_qkv_kernel(RopeQkvParams p) {
         x1[e] = (a * c - b * s) * out_scale;
         x2[e] = (b * c + a * s) * out_scale;
       }
-      dst = h < p.heads_q ? p.q_out + (int64_t(t) * p.heads_q + h) * p.head_dim + i0
+      const int64_t q_stride = p.q_row_stride ? p.q_row_stride : int64_t(p.heads_q) * p.head_dim;
+      dst = h < p.heads_q ? p.q_out + int64_t(t) * q_stride + h * p.head_dim + i0
                           : p.k_cache + cache_row + (h - p.heads_q) * p.head_dim + i0;
     }
     store_vec<VEC>(dst, x1);

@@ -286,20 +286,27 @@ def skinny_gemm(x: int, w: int, out: int, m: int, n: int, k: int, *, bias: int =
 
 def rope_qkv(qkv: int, positions: int, q_out: int, k_cache: int, v_cache: int, tokens: int,
              num_heads_q: int, num_heads_kv: int, head_dim: int, *, cache_offset: int = 0,
-             theta: float = 10000.0, q_scale: float = 1.0, stream: int = 0) -> None:
+             theta: float = 10000.0, q_scale: float = 1.0, q_row_stride: int = 0, stream: int = 0) -> None:
     """Split a fused QKV row [T, (Hq + 2 Hkv) * D], rotate q and k (split-half RoPE at int32
     ``positions[T]``), write q_out [T, Hq, D] (times q_scale), and k / v into the caches
-    [rows, Hkv, D] at rows cache_offset .. cache_offset + T - 1."""
+    [rows, Hkv, D] at rows cache_offset .. cache_offset + T - 1.
+
+    q_row_stride: elements between q_out rows (0 = Hq * D). With q_out = qkv and
+    q_row_stride = (Hq + 2 Hkv) * D, q is rotated in place inside the fused buffer."""
     _need_size("tokens", tokens, minimum=0)
     _need_size("num_heads_q", num_heads_q)
     _need_size("num_heads_kv", num_heads_kv)
     _need_size("head_dim", head_dim, minimum=4, multiple=4)
     _need_size("cache_offset", cache_offset, minimum=0)
+    _need_size("q_row_stride", q_row_stride, minimum=0, multiple=8 if head_dim % 16 == 0 else 2)
+    if q_row_stride and q_row_stride < num_heads_q * head_dim:
+        raise ValueError(f"q_row_stride: expected 0 or >= num_heads_q * head_dim = {num_heads_q * head_dim}, "
+                         f"got {q_row_stride}")
     align = 16 if head_dim % 16 == 0 else 4
     rc = _C.rope_qkv(_need_ptr("qkv", qkv, align), _need_ptr("positions", positions, 4),
                      _need_ptr("q_out", q_out, align), _need_ptr("k_cache", k_cache, align),
                      _need_ptr("v_cache", v_cache, align), tokens, num_heads_q, num_heads_kv, head_dim,
-                     cache_offset, float(theta), float(q_scale), _stream(stream))
+                     cache_offset, float(theta), float(q_scale), int(q_row_stride), _stream(stream))
     _raise_if(rc, "rope_qkv")
 
 
