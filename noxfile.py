@@ -1,6 +1,7 @@
-"""One session per target. `nox` runs the CI set: lint, tests (CPU), parity.
+"""One session per target. `nox` runs the CI set: lint, wheels, tests (CPU), parity.
 
     nox -s demo        the main job: a tiny Pi0.5 end to end on this machine
+    nox -s wheels      every pure-Python package builds a wheel and installs from it
     nox -s tests       CPU tests of every package, the kernel build + import, the plugin example
     nox -s parity      Python 3.12 + lerobot: our references against an independent implementation
     nox -s kernels     build the flashrt-kernels wheel into dist/
@@ -11,10 +12,29 @@
 from __future__ import annotations
 
 import os
+import pathlib
+import shutil
+import subprocess
 
 import nox
 
-nox.options.sessions = ["lint", "tests", "parity"]
+
+def _expose_pyenv_versions() -> None:
+    """pyenv's shims answer `python3.12` only for the selected versions (pyenv also sets
+    PYENV_VERSION for the process it runs); select every installed one, current first, so nox
+    finds the interpreters its sessions name."""
+    if shutil.which("pyenv") is None:
+        return
+    current = os.environ.get("PYENV_VERSION") or subprocess.run(
+        ["pyenv", "version-name"], capture_output=True, text=True).stdout.strip()
+    selected = [v for v in current.split(":") if v]
+    installed = subprocess.run(["pyenv", "versions", "--bare"], capture_output=True, text=True).stdout.split()
+    os.environ["PYENV_VERSION"] = ":".join(selected + [v for v in installed if v not in selected])
+
+
+_expose_pyenv_versions()
+
+nox.options.sessions = ["lint", "wheels", "tests", "parity"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.default_venv_backend = "venv"
 
@@ -48,6 +68,20 @@ def tests(session: nox.Session) -> None:
         "pytest", "-m", CPU_MARKERS, "--timeout=900", "-q",
         "packages", "examples/plugin-toy/tests", *session.posargs,
     )
+
+
+@nox.session(python=PY_DEFAULT, reuse_venv=False)
+def wheels(session: nox.Session) -> None:
+    """Every pure-Python package builds as a wheel and installs from those wheels alone."""
+    session.install("build")
+    dist = session.create_tmp()
+    for package in ["packages/flashrt-core", *MODEL_PACKAGES, "examples/plugin-toy"]:
+        session.run("python", "-m", "build", "--wheel", "--outdir", dist, package, silent=True)
+    session.install(TORCH_CPU)
+    wheels = sorted(str(p) for p in pathlib.Path(dist).glob("*.whl"))
+    session.install(*wheels)
+    session.run("flashrt", "plugins")
+    session.run("python", "-c", "import flash_rt, flashrt_pi05, flashrt_pi0; print(flash_rt.__version__)")
 
 
 @nox.session(python=PY_DEFAULT)

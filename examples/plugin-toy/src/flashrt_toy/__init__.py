@@ -1,0 +1,1 @@
+"""flashrt-plugin-toy: the smallest complete FlashRT model plugin (see docs/plugins.md)."""
