@@ -22,9 +22,10 @@ import subprocess
 import sys
 import traceback
 
-import flashrt_kernels as fk
 import torch
 import torch.nn.functional as F
+
+import flashrt_kernels as fk
 
 DEV = "cuda"
 BF16 = torch.bfloat16
