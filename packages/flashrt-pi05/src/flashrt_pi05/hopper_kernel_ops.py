@@ -42,7 +42,8 @@ class KernelOps(TorchOps):
         self.fk = flashrt_kernels
         self.device = device
         self.autotune = autotune
-        self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        raw = torch.empty(WORKSPACE_BYTES + 256, dtype=torch.uint8, device=device)
+        self.workspace = raw[(-raw.data_ptr()) % 256 :][:WORKSPACE_BYTES]  # cuBLASLt wants 256-byte alignment
         lse, acc = flashrt_kernels.attention_splitkv_sizes(1, SKINNY_MAX_M, 16, 256)
         self.lse_accum = torch.empty(lse, dtype=torch.float32, device=device)
         self.o_accum = torch.empty(acc, dtype=torch.float32, device=device)

@@ -1,0 +1,108 @@
+"""KernelOps through flashrt_kernels' real Python layer with a stub extension (no GPU needed).
+
+Every call the pipeline makes into the compiled kernels passes through ``flashrt_kernels.ops``,
+which checks argument names, sizes, multiples, alignment and strides before anything reaches CUDA.
+Here the extension module ``_C`` is replaced by a stub that only counts calls, so the pipeline's
+whole call sequence (vision, prefix, Pi0 state token, denoise steps; BF16 and FP8) runs on the CPU
+through those checks. What the kernels compute is tested on the GPU (test_hopper_gpu.py and the
+KernelOps self-check against torch).
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+KERNELS_SRC = Path(__file__).resolve().parents[2] / "flashrt-kernels" / "src"
+
+
+class _StubExtension(types.ModuleType):
+    VERSION = "stub"
+
+    def __init__(self):
+        super().__init__("flashrt_kernels._C")
+        self.calls = Counter()
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+
+        def call(*args, **kwargs):
+            self.calls[name] += 1
+            return {"built_archs": ["90a"], "attention_max_splits": 16, "attention_num_splits": (0, 4),
+                    "error_string": "stub"}.get(name, 0)
+
+        return call
+
+
+@pytest.fixture
+def stub_kernels(monkeypatch):
+    if not (KERNELS_SRC / "flashrt_kernels" / "ops.py").is_file():
+        pytest.skip("flashrt-kernels sources not in this tree")
+    stub = _StubExtension()
+    for name in [m for m in sys.modules if m == "flashrt_kernels" or m.startswith("flashrt_kernels.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "flashrt_kernels._C", stub)
+    monkeypatch.syspath_prepend(str(KERNELS_SRC))
+    import flashrt_pi05.hopper_kernel_ops as hko
+
+    monkeypatch.setattr(hko.KernelOps, "_stream", staticmethod(lambda: 0))
+    yield hko, stub
+    for name in [m for m in sys.modules if m == "flashrt_kernels" or m.startswith("flashrt_kernels.")]:
+        sys.modules.pop(name, None)
+
+
+def _config(model_type):
+    from flash_rt.models.pi_config import GemmaDims, PiConfig, VisionDims
+
+    # kernel-sized heads (64 / 72), 112x112 images: 128 image tokens, so both GEMM paths run
+    llm = GemmaDims(width=256, depth=2, mlp_dim=512, num_heads=4, num_kv_heads=1, head_dim=64)
+    exp = GemmaDims(width=128, depth=2, mlp_dim=256, num_heads=4, num_kv_heads=1, head_dim=64)
+    vis = VisionDims(width=144, depth=2, mlp_dim=288, num_heads=2, patch_size=14, image_size=112)
+    return PiConfig(model_type=model_type, paligemma=llm, expert=exp, vision=vis, vocab_size=500,
+                    action_horizon=10, max_token_len=24)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+@pytest.mark.parametrize("model_type", ["pi05", "pi0"])
+def test_pipeline_calls_pass_the_kernels_argument_checks(stub_kernels, model_type, precision):
+    from flashrt_pi05.random_weights import random_state_dict
+
+    hko, stub = stub_kernels
+    if model_type == "pi05":
+        from flashrt_pi05.pipeline_hopper import Pi05HopperPipeline as cls
+    else:
+        from flashrt_pi0.pipeline_hopper import Pi0HopperPipeline as cls
+    config = _config(model_type)
+    ops = hko.KernelOps(torch.bfloat16, torch.device("cpu"))
+    pipe = cls(random_state_dict(config, seed=0), config, num_views=2, use_fp8=precision == "fp8",
+               act_dtype=torch.bfloat16, ops=ops)
+    bucket = pipe.set_prompt_tokens(list(range(2, 12)))
+    pipe.load_inputs(torch.randint(0, 256, (2, 112, 112, 3), dtype=torch.uint8), torch.randn(10, 32),
+                     None if model_type == "pi05" else torch.randn(32))
+    if precision == "fp8":
+        pipe.calibrate_current()  # the calibration pass runs the torch path: no kernel calls
+        assert not any(k in stub.calls for k in ("gemm", "skinny_gemm", "norm"))
+    pipe.run_all(bucket)
+    calls = stub.calls
+    depth, steps = config.expert.depth, pipe.num_steps
+    # per denoise step and expert layer: 2 norms, 4 skinny GEMMs, RoPE, attention, GeGLU
+    assert calls["skinny_gemm"] >= 4 * depth * steps
+    assert calls["gemm"] >= 4 * config.vision.depth  # the 256-row SigLIP GEMMs
+    assert calls["rope_qkv"] >= config.paligemma.depth + depth * steps
+    assert calls["attention"] >= config.vision.depth + config.paligemma.depth - 1 + depth * steps
+    assert calls["norm"] >= 2 * config.vision.depth + 2 * depth * steps
+    assert (calls["quantize_fp8"] > 0) == (precision == "fp8")
+
+
+def test_self_check_calls_pass_the_argument_checks(stub_kernels, monkeypatch):
+    hko, stub = stub_kernels
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    cos = hko.self_check(torch.device("cpu"))  # stub outputs are garbage: only the calls are checked
+    assert {"linear_fp8_m50", "linear_bf16_m300", "attention_t50", "vision_attention", "rope_k_t700"} <= set(cos)
+    assert stub.calls["skinny_gemm"] and stub.calls["gemm"] and stub.calls["attention"] >= 3
