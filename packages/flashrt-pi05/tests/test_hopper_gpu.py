@@ -30,6 +30,7 @@ _spec.loader.exec_module(ht)
 
 pytestmark = [
     pytest.mark.gpu,
+    pytest.mark.slow,  # true-size models: ~2-4 minutes for the module; run it as its own stage
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 

@@ -8,11 +8,10 @@ HOPPER = "flashrt_pi05.frontend_torch_hopper:Pi05TorchFrontendHopper"
 @hookimpl
 def flashrt_register_frontends(register):
     register("pi05", "torch", "cpu", "flashrt_pi05.frontend_torch_cpu:Pi05TorchFrontendCpu")
-    # The Hopper path is plain torch (cuBLAS, torch._scaled_mm FP8, SDPA): it runs unchanged on
-    # other FP8-capable GPUs (sm_89+), unmeasured there.
+    # measured=True once `flashrt bench` has recorded benchmarks/h100/*.json. The code is plain torch
+    # + flashrt_kernels and should run unchanged on other FP8 GPUs (sm_89+); no route is claimed
+    # where it never ran.
     register("pi05", "torch", "hopper", HOPPER, measured=False)
-    for arch in ("rtx_sm120", "rtx_sm89", "thor"):
-        register("pi05", "torch", arch, HOPPER, measured=False)
 
 
 @hookimpl
