@@ -335,6 +335,12 @@ def run_bench(args) -> int:
         "ceilings_reference": {"bf16_tflops": 780, "fp8_tflops": 1400, "copy_tbps": 3.0, "source": "BENCH.md (H100 SXM)"},
         "results": [], "baselines": [], "speedups": [],
     })
+    if device.type == "cuda":  # which ops "auto" resolves to, and why (recorded with the results)
+        from flashrt_pi05.hopper_kernel_ops import kernels_available  # noqa: PLC0415
+
+        ok, why = kernels_available(device)
+        results.doc["kernels"] = {"used_by_auto": ok, "why": why}
+        print(f"  compiled kernels for ops=auto: {'yes' if ok else 'no'} ({why})", flush=True)
     print(f"flashrt bench: {args.config} on {device_name}, torch {torch.__version__}, views {views_list}, "
           f"precision {precisions}, {args.iters} calls per case")
 
