@@ -106,3 +106,29 @@ def test_self_check_calls_pass_the_argument_checks(stub_kernels, monkeypatch):
     cos = hko.self_check(torch.device("cpu"))  # stub outputs are garbage: only the calls are checked
     assert {"linear_fp8_m50", "linear_bf16_m300", "attention_t50", "vision_attention", "rope_k_t700"} <= set(cos)
     assert stub.calls["skinny_gemm"] and stub.calls["gemm"] and stub.calls["attention"] >= 3
+
+
+def test_runtime_failure_falls_back_to_torch_ops(stub_kernels):
+    """Kernels that pass their self-check but fail in the pipeline: the pipeline keeps serving
+    with the torch ops (residual streams re-typed), giving the torch pipeline's exact result."""
+    from flashrt_pi05.pipeline_hopper import Pi05HopperPipeline
+    from flashrt_pi05.random_weights import random_state_dict
+
+    hko, _ = stub_kernels
+    config = _config("pi05")
+    sd = random_state_dict(config, seed=0)
+    images, noise = torch.randint(0, 256, (2, 112, 112, 3), dtype=torch.uint8), torch.randn(10, 32)
+    pipe = Pi05HopperPipeline(sd, config, num_views=2, use_fp8=False, act_dtype=torch.bfloat16,
+                              ops=hko.KernelOps(torch.bfloat16, torch.device("cpu")))
+    assert pipe.prefix_x.dtype == torch.bfloat16
+    with pytest.warns(RuntimeWarning, match="continuing with the torch ops"):
+        pipe._fall_back_to_torch_ops(RuntimeError("boom"))
+    assert pipe.ops.name == "torch" and "boom" in pipe.ops.fallback_reason
+    assert pipe.prefix_x.dtype == torch.float32
+    torch_pipe = Pi05HopperPipeline(sd, config, num_views=2, use_fp8=False, act_dtype=torch.bfloat16, ops="torch")
+    results = []
+    for p in (pipe, torch_pipe):
+        p.set_prompt_tokens(list(range(2, 12)))
+        p.load_inputs(images, noise)
+        results.append(p.infer())
+    assert (results[0] == results[1]).all()

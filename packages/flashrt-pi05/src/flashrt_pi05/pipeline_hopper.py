@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -569,8 +570,16 @@ class PaliGemmaHopperPipeline:
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         with self._on_stream(), self._attention_backends():
-            fn()  # warm-up outside capture: lazy cuBLAS / cuDNN initialisation, workspaces
-            torch.cuda.current_stream().synchronize()
+            try:
+                fn()  # warm-up outside capture: lazy cuBLAS / cuDNN initialisation, workspaces, GEMM tuning
+                torch.cuda.current_stream().synchronize()
+            except Exception as exc:
+                if self.ops.name == "torch":
+                    raise
+                self._fall_back_to_torch_ops(exc)
+                fn = self.stage_fn(bucket, kind)
+                fn()
+                torch.cuda.current_stream().synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._graph_pool, stream=torch.cuda.current_stream()):
                 fn()
@@ -579,6 +588,27 @@ class PaliGemmaHopperPipeline:
         bucket.capture_s[kind] = time.perf_counter() - start
         self.captures += 1
         return graph
+
+    def _fall_back_to_torch_ops(self, exc: Exception):
+        """The compiled kernels failed at run time (after passing their self-check): keep serving
+        with the torch ops. Weights are shared; only the residual streams change dtype."""
+        from flashrt_pi05.hopper_ops import TorchOps  # noqa: PLC0415
+
+        warnings.warn(
+            f"flashrt_kernels failed in the Hopper pipeline ({type(exc).__name__}: {exc}); continuing with the "
+            "torch ops (slower). Set FLASHRT_HOPPER_OPS=torch to skip the kernels.", RuntimeWarning, stacklevel=3,
+        )
+        ops = TorchOps(self.act_dtype)
+        ops.fallback_reason = f"runtime failure: {type(exc).__name__}: {exc}"[:500]
+        ops.autotune = self.ops.autotune
+        self.ops = ops
+        self.drop_graphs()
+        res, dev = ops.residual_dtype, self.device
+        self.prefix_x = torch.empty(self.prefix_x.shape, device=dev, dtype=res)
+        self.suffix_x = torch.empty(self.suffix_x.shape, device=dev, dtype=res)
+        self.vision_x = torch.empty(self.vision_x.shape, device=dev, dtype=res)
+        if getattr(self, "state_x", None) is not None:
+            self.state_x = torch.empty(self.state_x.shape, device=dev, dtype=res)
 
     def _attention_backends(self):
         if not self.is_cuda or not self._sdpa_backends:
