@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sentencepiece
+
 from flash_rt.errors import ConfigError, InputError
 from flash_rt.models import paligemma_tokenizer as tok
 from flash_rt.models.paligemma_tokenizer import STANDIN_TOKENIZER, PaligemmaTokenizer, find_tokenizer

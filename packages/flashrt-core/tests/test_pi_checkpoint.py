@@ -9,11 +9,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
 from flash_rt.errors import CheckpointError
 from flash_rt.models.pi_checkpoint import detect_format, load_pi_checkpoint
 from flash_rt.models.pi_make_checkpoint import make_config, random_state_dict, write_random_checkpoint
 from flash_rt.models.pi_params import UNUSED_KEYS, expected_tensors
-from safetensors.torch import load_file, save_file
 
 EMBED = "paligemma_with_expert.paligemma.model.language_model.embed_tokens.weight"
 
@@ -302,6 +303,7 @@ def test_jax_checkpoint_without_config_infers_dims(tmp_path, model_type):
 @needs_orbax
 def test_jax_nnx_value_suffix_and_damage(tmp_path):
     import orbax.checkpoint as ocp
+
     from flash_rt.models.pi_jax import build_tree
 
     config = make_config("pi0", "tiny")

@@ -6,10 +6,11 @@ import json
 
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
+
 from flash_rt.errors import CheckpointError, InputError
 from flash_rt.models import pi_norm
 from flash_rt.models.pi_norm import FeatureStats, NormStats, random_feature_stats
-from safetensors.numpy import save_file
 
 
 def stats(seed: int, dim: int) -> FeatureStats:

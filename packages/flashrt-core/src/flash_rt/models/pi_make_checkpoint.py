@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import shutil
 import zlib
-from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -99,45 +98,6 @@ def random_tensor(tensor: ExpectedTensor, seed: int, dtype=None) -> torch.Tensor
 def random_state_dict(config: PiConfig, seed: int = 0, dtype=None) -> dict[str, torch.Tensor]:
     """The whole model in memory (for tiny configs and tests); openpi-PyTorch names."""
     return {t.name: random_tensor(t, seed, dtype) for t in expected_tensors(config)}
-
-
-# -- streaming safetensors ----------------------------------------------------------------------
-_ST_DTYPES = {"float32": ("F32", 4), "bfloat16": ("BF16", 2), "float16": ("F16", 2)}
-
-
-def write_safetensors_streaming(path: Path, entries: list[tuple[str, tuple[int, ...], str]],
-                                produce: Iterator[torch.Tensor], metadata: dict | None = None) -> None:
-    """Write a safetensors file whose tensors come one at a time from ``produce``, in ``entries`` order.
-
-    The header (names, dtypes, shapes, offsets) is known up front, so only one tensor is ever held.
-    """
-    header: dict = {"__metadata__": metadata or {"format": "pt"}}
-    offset = 0
-    for name, shape, dtype in entries:
-        code, width = _ST_DTYPES[dtype]
-        n = int(np.prod(shape)) * width
-        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # keep the data 8-byte aligned
-    tmp = path.with_suffix(path.suffix + ".partial")
-    with tmp.open("wb") as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
-        for (name, shape, dtype), value in zip(entries, produce, strict=True):
-            if tuple(value.shape) != tuple(shape) or str(value.dtype).removeprefix("torch.") != dtype:
-                raise RuntimeError(f"{name}: produced {tuple(value.shape)} {value.dtype}, header says {shape} {dtype}")
-            f.write(_tensor_bytes(value))
-    tmp.replace(path)
-
-
-def _tensor_bytes(value: torch.Tensor) -> bytes:
-    import torch  # noqa: PLC0415
-
-    value = value.contiguous().cpu()
-    if value.dtype == torch.bfloat16:
-        return value.view(torch.int16).numpy().tobytes()
-    return value.numpy().tobytes()
 
 
 # -- formats ------------------------------------------------------------------------------------
@@ -230,7 +190,11 @@ def _write_torch_weights(out: Path, config: PiConfig, fmt: str, size: str, seed:
         for _, t in extra:
             yield random_tensor(t, seed, getattr(torch, _storage_dtype(t, fmt, size)))
 
-    write_safetensors_streaming(out / "model.safetensors", entries, produce())
+    from flash_rt.executors.torch_weights import write_safetensors  # noqa: PLC0415
+
+    layout = [(name, shape, getattr(torch, dtype)) for name, shape, dtype in entries]
+    write_safetensors(out / "model.safetensors", zip([n for n, _, _ in entries], produce(), strict=True),
+                      layout=layout)
 
 
 def _random_stats(config: PiConfig, seed: int):
