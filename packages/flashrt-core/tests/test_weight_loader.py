@@ -194,6 +194,18 @@ def test_transform_failure_is_a_checkpoint_error_with_key_and_layer():
         WeightLoader(DictSource(toy_checkpoint()), spec, Target(), unused="ignore").run()
 
 
+def test_multi_index_keys():
+    kv = rand(3, 2, 4, 5)
+    spec = ModelWeightSpec(
+        [LayerBlock(3, [Item(["kv[{i},0]", "kv[{i}, 1]"], [], TensorList("kv"), shape=(4, 5))])]
+    )
+    t = Target()
+    WeightLoader(DictSource({"kv": kv}), spec, t).run()
+    assert all(torch.equal(t.kv[2 * i + j], kv[i, j]) for i in range(3) for j in range(2))
+    with pytest.raises(CheckpointError, match=r"takes \[0, 2\] of 'kv'"):
+        WeightLoader(DictSource({"kv": kv}), ModelWeightSpec([Item("kv[0,2]", [], Attr("x"))]), t).run()
+
+
 def test_stacked_index_keys_take_one_row():
     stacked = rand(4, 3, 2)
     spec = ModelWeightSpec([LayerBlock(4, [Item("blk/kernel[{i}]", [ToFp32()], TensorList("k"))])])
@@ -203,7 +215,7 @@ def test_stacked_index_keys_take_one_row():
     assert len(t.k) == 4 and all(torch.equal(t.k[i], stacked[i]) for i in range(4))
     assert loader.unused_keys() == []
     spec5 = ModelWeightSpec([LayerBlock(5, [Item("blk/kernel[{i}]", [], TensorList("k"))])])
-    with pytest.raises(CheckpointError, match=r"row 4 of 'blk/kernel'.*\(4, 3, 2\)"):
+    with pytest.raises(CheckpointError, match=r"takes \[4\] of 'blk/kernel'.*\(4, 3, 2\)"):
         WeightLoader(DictSource({"blk/kernel": stacked}), spec5, Target()).run()
 
 
@@ -260,9 +272,19 @@ def test_canonical_dtype_of_framework_types():
 
 def test_importing_loader_modules_imports_no_torch_or_jax():
     code = (
-        "import sys; import flash_rt.executors.weight_loader, flash_rt.executors.torch_weights"
-        "; "
+        "import sys; import flash_rt.executors.weight_loader, flash_rt.executors.torch_weights, "
+        "flash_rt.executors.jax_weights, flash_rt.core.quant.calibrator; "
         "bad = [m for m in ('torch', 'jax', 'orbax') if m in sys.modules]; "
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_dict_target_and_load_returns_it():
+    ck = toy_checkpoint()
+    weights = WeightLoader(DictSource(ck), toy_spec()).load()
+    assert isinstance(weights, dict)
+    assert torch.equal(weights["embed"], ck["embed.weight"]) and len(weights["q_w"]) == 3
+    assert torch.equal(weights["norm_2"], ck["layers.2.norm.weight"])
+    mine = {"q_w": []}
+    assert WeightLoader(DictSource(ck), toy_spec(), mine).load() is mine and len(mine["q_w"]) == 3

@@ -94,8 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     plugins = subparsers.add_parser("plugins", help="installed plugins and what each registers")
     plugins.set_defaults(func=cmd_plugins)
 
+    # Built-in commands whose code lives in core (shared by several model packages).
+    from flash_rt.models.pi_make_checkpoint import add_make_checkpoint_parser  # noqa: PLC0415
     from flash_rt.plugins import plugin_manager  # noqa: PLC0415
+    from flash_rt.serving.cli import add_serve_parser  # noqa: PLC0415
 
+    add_make_checkpoint_parser(subparsers)
+    add_serve_parser(subparsers)
     plugin_manager().hook.flashrt_cli_commands(subparsers=subparsers)
     return parser
 

@@ -28,8 +28,10 @@ from flash_rt.executors.weight_loader import (
     TensorMeta,
     Transform,
     WeightSource,
+    append_target,
     canonical_dtype,
     read_safetensors_header,
+    set_target,
 )
 
 __all__ = [
@@ -434,9 +436,9 @@ class Quant(Transform):
             raise ConfigError("Quant takes one tensor; combine the Item's tensors first (Cat, FusedQKV, ...)")
         q, scale = quantize_fp8_e4m3(value)
         if self.scale_into is not None:
-            _append_attr(ctx.target, ctx.fmt(self.scale_into), scale)
+            append_target(ctx.target, ctx.fmt(self.scale_into), scale)
         if self.scale_attr is not None:
-            setattr(ctx.target, ctx.fmt(self.scale_attr), scale)
+            set_target(ctx.target, ctx.fmt(self.scale_attr), scale)
         return q
 
 
@@ -485,26 +487,15 @@ class Mul(ElementwiseTransform):
 # sinks
 
 
-def _append_attr(target, name: str, value) -> None:
-    lst = getattr(target, name, None)
-    if lst is None:
-        lst = []
-        setattr(target, name, lst)
-    elif not isinstance(lst, list):
-        raise ConfigError(
-            f"attribute {name!r} of the target is a {type(lst).__name__}, expected a list to append to"
-        )
-    lst.append(value)
-
-
 class Attr(Sink):
-    """``setattr(target, name, value)``; ``name`` may use templates (``"q_w_{i}"``)."""
+    """Store as ``target.<name>`` (``target[name]`` for a dict target); ``name`` may use
+    templates (``"q_w_{i}"``)."""
 
     def __init__(self, name: str):
         self.name = name
 
     def store(self, value, ctx: LoadContext) -> None:
-        setattr(ctx.target, ctx.fmt(self.name), value)
+        set_target(ctx.target, ctx.fmt(self.name), value)
 
 
 class TensorList(Sink):
@@ -518,7 +509,7 @@ class TensorList(Sink):
     def store(self, value, ctx: LoadContext) -> None:
         name = ctx.fmt(self.name)
         for v in value if isinstance(value, list) else [value]:
-            _append_attr(ctx.target, name, v)
+            append_target(ctx.target, name, v)
 
 
 class FlatCat(Sink):
@@ -560,8 +551,8 @@ class FlatCat(Sink):
             for (off, _), p in zip(offsets, parts, strict=True):
                 flat[off : off + p.numel()] = p.reshape(-1)
             parts.clear()  # the flat buffer now owns the data
-            setattr(target, name, flat)
-            setattr(target, offsets_name, offsets)
+            set_target(target, name, flat)
+            set_target(target, offsets_name, offsets)
 
         ctx.on_finish(key, finish)
 

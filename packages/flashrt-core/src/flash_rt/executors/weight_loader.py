@@ -35,7 +35,7 @@ import struct
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -58,6 +58,8 @@ __all__ = [
     "canonical_dtype",
     "read_safetensors_header",
     "closest_keys",
+    "set_target",
+    "append_target",
 ]
 
 
@@ -238,23 +240,24 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
 # --------------------------------------------------------------------------------------------
 # sources
 
-_INDEX_RE = re.compile(r"^(?P<base>.*)\[(?P<idx>-?\d+)\]$")
+_INDEX_RE = re.compile(r"^(?P<base>.*)\[(?P<idx>\s*-?\d+\s*(?:,\s*-?\d+\s*)*)\]$")
 
 
-def split_index(key: str) -> tuple[str, int | None]:
-    """``"a/b/kernel[3]"`` -> ``("a/b/kernel", 3)``: row 3 of a layer-stacked array."""
+def split_index(key: str) -> tuple[str, tuple[int, ...] | None]:
+    """``"a/b/kernel[3]"`` -> ``("a/b/kernel", (3,))``: row 3 of a layer-stacked array;
+    ``"kv_einsum/w[3,0]"`` -> ``("kv_einsum/w", (3, 0))``."""
     m = _INDEX_RE.match(key)
     if m is None:
         return key, None
-    return m.group("base"), int(m.group("idx"))
+    return m.group("base"), tuple(int(x) for x in m.group("idx").split(","))
 
 
 class WeightSource:
     """A read-only, lazily read collection of named tensors.
 
-    Subclasses implement ``keys()``, ``_meta(name)`` and ``_read(name, index)``. A key may end in
-    ``[i]`` to take row ``i`` of a stacked array (jax checkpoints stack layers); sources read
-    only that row where they can.
+    Subclasses implement ``keys()``, ``_meta(name)`` and ``_read(name, index)`` (``index`` is
+    ``None`` or a tuple of ints). A key may end in ``[i]`` (or ``[i, j]``) to take row ``i`` of
+    a stacked array (jax checkpoints stack layers); sources read only that row where they can.
     """
 
     def keys(self) -> list[str]:
@@ -285,12 +288,13 @@ class WeightSource:
         m = self._meta(name)
         if index is None:
             return m
-        if not m.shape or not -m.shape[0] <= index < m.shape[0]:
+        shape = m.shape
+        if len(index) > len(shape) or not all(-d <= j < d for j, d in zip(index, shape, strict=False)):
             raise CheckpointError(
-                f"{self.describe()}: key {key!r} takes row {index} of {name!r}, whose shape is "
-                f"{_fmt_shape(m.shape)}. Check the layer count of the spec."
+                f"{self.describe()}: key {key!r} takes [{', '.join(map(str, index))}] of {name!r}, whose "
+                f"shape is {_fmt_shape(shape)}. Check the layer count of the spec."
             )
-        return TensorMeta(m.shape[1:], m.dtype)
+        return TensorMeta(shape[len(index) :], m.dtype)
 
     def read(self, key: str):
         name, index = split_index(key)
@@ -394,6 +398,27 @@ class ElementwiseTransform(Transform):
         if isinstance(value, list):
             return [self.one(v, ctx) if self.on is None or j in self.on else v for j, v in enumerate(value)]
         return self.one(value, ctx)
+
+
+def set_target(target: Any, name: str, value: Any) -> None:
+    """Store on the load target: ``target[name] = value`` for a dict, else ``setattr``."""
+    if isinstance(target, MutableMapping):
+        target[name] = value
+    else:
+        setattr(target, name, value)
+
+
+def append_target(target: Any, name: str, value: Any) -> None:
+    """Append to the list ``name`` of the target (created on first use)."""
+    lst = target.get(name) if isinstance(target, MutableMapping) else getattr(target, name, None)
+    if lst is None:
+        lst = []
+        set_target(target, name, lst)
+    elif not isinstance(lst, list):
+        raise ConfigError(
+            f"{name!r} of the load target is a {type(lst).__name__}, expected a list to append to"
+        )
+    lst.append(value)
 
 
 class Sink:
@@ -649,7 +674,9 @@ class WeightLoader:
     Args:
         source: a ``WeightSource`` (``SafetensorsSource``, ``DictSource``, ``OrbaxDictSource``).
         spec: the ``ModelWeightSpec``.
-        target: the object sinks write to (usually the frontend or pipeline, ``self``).
+        target: what sinks write to: an object (usually the frontend or pipeline, ``self``;
+            attributes are set) or a dict (items are set). Default: a new dict, returned by
+            ``load()``.
         params: template parameters, overriding the spec's.
         unused: what to do with checkpoint keys the spec never read: ``"warn"`` (default: a
             ``UserWarning``), ``"log"`` (a ``logging`` warning), ``"ignore"`` or ``"error"``
@@ -665,7 +692,7 @@ class WeightLoader:
         self,
         source: WeightSource,
         spec: ModelWeightSpec,
-        target: Any,
+        target: Any = None,
         *,
         params: Mapping[str, Any] | None = None,
         unused: str = "warn",
@@ -679,7 +706,7 @@ class WeightLoader:
             raise ConfigError(f"spec must be a ModelWeightSpec, got {type(spec).__name__}")
         self.source = source
         self.spec = spec
-        self.target = target
+        self.target = {} if target is None else target
         self.params = dict(params or {})
         self.unused = unused
         self.progress = progress
@@ -765,6 +792,11 @@ class WeightLoader:
         self.report = report
         self._report_unused(report.unused_keys)
         return report
+
+    def load(self):
+        """``run()``, then return the target (the dict of loaded tensors by default)."""
+        self.run()
+        return self.target
 
     def _progress_bar(self, total: int):
         from tqdm.auto import tqdm
