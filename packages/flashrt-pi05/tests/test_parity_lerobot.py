@@ -7,8 +7,8 @@ max |ours - lerobot| / max(1, max |lerobot|) <= 1e-4.
 
 lerobot only knows the full-size variants (``gemma_2b`` / ``gemma_300m``, SigLIP So400m), far too
 big for a 2-core CI machine, so the test shrinks them the only way lerobot allows: it swaps the
-variant table (``get_gemma_config``) and the SigLIP / projector sizes of the PaliGemma config lerobot
-builds. lerobot's own modules, init, forward code and ``save_pretrained`` are used unchanged; the
+variant table (``get_gemma_config``) and sets the SigLIP / projector sizes on the PaliGemma config
+lerobot builds, just before lerobot instantiates the model from it. lerobot's own modules, init, forward code and ``save_pretrained`` are used unchanged; the
 adaRMS projections (zero-initialised by lerobot) and every other tensor get non-zero random values.
 lerobot's config.json cannot express those dims, so the test adds ``paligemma_dims`` /
 ``action_expert_dims`` / ``vision_dims`` to it (the documented way tiny checkpoints declare dims).
@@ -47,8 +47,6 @@ PROMPTS = ["pick up the red block", "  Open_the top drawer\nand put the bowl ins
 
 def _tiny_lerobot(monkeypatch, model_type: str):
     """A lerobot policy of our tiny dims, built by lerobot's own code."""
-    from transformers import PaliGemmaConfig, SiglipVisionConfig
-
     if model_type == "pi05":
         from lerobot.policies.pi05 import modeling_pi05 as modeling
         from lerobot.policies.pi05.configuration_pi05 import PI05Config as Config
@@ -62,25 +60,19 @@ def _tiny_lerobot(monkeypatch, model_type: str):
     monkeypatch.setattr(modeling, "get_gemma_config",
                         lambda variant: modeling.GemmaConfig(**asdict(variants[variant])))
 
-    class TinyVision(SiglipVisionConfig):
-        # lerobot overwrites these two after building the config (4304 and 2048, the real sizes).
-        pinned = {"intermediate_size": VISION.mlp_dim, "projection_dim": LLM.width}
+    build_paligemma = modeling.PaliGemmaForConditionalGenerationWithPiGemma
 
-        def __setattr__(self, name, value):
-            super().__setattr__(name, self.pinned.get(name, value))
+    def tiny_paligemma(config):
+        # lerobot sets the real SigLIP sizes (4304, projection 2048) on the config just before this
+        # call; give the vision tower our tiny dims instead.
+        vision = config.vision_config
+        vision.hidden_size, vision.num_hidden_layers = VISION.width, VISION.depth
+        vision.num_attention_heads, vision.intermediate_size = VISION.num_heads, VISION.mlp_dim
+        vision.patch_size, vision.image_size = VISION.patch_size, VISION.image_size
+        vision.projection_dim = config.projection_dim = LLM.width
+        return build_paligemma(config=config)
 
-    original = modeling.CONFIG_MAPPING
-
-    class Mapping:
-        def __getitem__(self, key):
-            if key != "paligemma":
-                return original[key]
-            return lambda: PaliGemmaConfig(vision_config=TinyVision(
-                hidden_size=VISION.width, num_hidden_layers=VISION.depth, num_attention_heads=VISION.num_heads,
-                intermediate_size=VISION.mlp_dim, patch_size=VISION.patch_size, image_size=VISION.image_size,
-                vision_use_head=False), projection_dim=LLM.width)
-
-    monkeypatch.setattr(modeling, "CONFIG_MAPPING", Mapping())
+    monkeypatch.setattr(modeling, "PaliGemmaForConditionalGenerationWithPiGemma", tiny_paligemma)
     from lerobot.configs.types import FeatureType, PolicyFeature
 
     inputs = {f"observation.images.{slot}": PolicyFeature(FeatureType.VISUAL, (3, 224, 224))
