@@ -59,6 +59,17 @@ TIED_WEIGHTS = {"paligemma_with_expert.paligemma.model.language_model.embed_toke
 # openpi's token budgets (Pi0Config.max_token_len): used where the format does not say.
 DEFAULT_MAX_TOKEN_LEN = {"pi05": 200, "pi0": 48}
 IMAGES_PREFIX = "observation.images."
+# PiConfig field <- the config.json keys that state it (for a JAX checkpoint's optional config).
+JAX_CONFIG_OVERRIDES = {
+    "paligemma": ("paligemma_dims", "paligemma_variant"),
+    "expert": ("action_expert_dims", "action_expert_variant"),
+    "vision": ("vision_dims", "vision_variant"),
+    "action_dim": ("action_dim",),
+    "action_horizon": ("action_horizon",),
+    "max_state_dim": ("max_state_dim", "action_dim"),
+    "max_token_len": ("max_token_len",),
+    "num_steps": ("num_steps",),
+}
 STATE_FEATURE = "observation.state"
 ACTION_FEATURE = "action"
 
@@ -385,11 +396,16 @@ def load_pi_checkpoint(
         source, declared = pi_jax.open_params(root / "params")
         model_type = model_type_of(source.names(), str(root))
         check_model_type(model_type, expected_type, str(root))
+        # No config in a JAX checkpoint: dims come from the array shapes. An optional config.json
+        # (openpi-PyTorch form) beside params/ overrides what it states (horizon, token budget, dims).
+        config = pi_jax.infer_config(source, model_type, declared)
         config_path = root / "config.json"
         if config_path.is_file():
-            config = openpi_config(_read_json(config_path), model_type, str(config_path))
-        else:
-            config = pi_jax.infer_config(source, model_type, declared)
+            raw = _read_json(config_path)
+            stated = openpi_config(raw, model_type, str(config_path))
+            overrides = {field: getattr(stated, field) for field, keys in JAX_CONFIG_OVERRIDES.items()
+                         if any(k in raw for k in keys)}
+            config = replace(config, **overrides)
         norm_stats = _norm_stats_openpi(root, model_type, asset_id)
         directory = root
     elif fmt == "lerobot":
