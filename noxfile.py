@@ -113,7 +113,7 @@ def parity(session: nox.Session) -> None:
         session.install(f"lerobot[pi]{LEROBOT.removeprefix('lerobot')}")
     else:
         session.install(TORCH_CPU)
-        session.install("--no-deps", "--ignore-requires-python", LEROBOT)
+        session.install("--no-deps", "--ignore-requires-python", "--force-reinstall", LEROBOT)
         session.install(*LEROBOT_RUNTIME_DEPS)
     session.run("python", "packages/flashrt-pi05/tests/lerobot_py311_compat.py")
     # fail here, not as a quiet pytest skip, when lerobot's Pi models cannot be imported

@@ -102,6 +102,15 @@ sys.modules[__name__].__class__ = _StubModule
 '''
 
 
+def _insert_after_future_imports(text: str, block: str) -> str:
+    """Put ``block`` before the module's first import other than ``from __future__``."""
+    lines = text.splitlines(keepends=True)
+    for index, line in enumerate(lines):
+        if line.startswith(("import ", "from ")) and not line.startswith("from __future__"):
+            return "".join(lines[:index]) + block + "".join(lines[index:])
+    raise ValueError("no import statement found")
+
+
 def patch_lerobot() -> None:
     spec = importlib.util.find_spec("lerobot")
     if spec is None or not spec.submodule_search_locations:
@@ -117,9 +126,7 @@ def patch_lerobot() -> None:
                 sys.exit(f"{path}: expected {old!r}; this is not lerobot 0.6.1")
             text = text.replace(old, new)
         if typevars:
-            # right after the module's first import, so the names exist before any use
-            first_import = min(i for i in (text.find("\nimport "), text.find("\nfrom ")) if i >= 0) + 1
-            text = text[:first_import] + TYPEVARS.format(names=typevars) + text[first_import:]
+            text = _insert_after_future_imports(text, TYPEVARS.format(names=typevars))
         path.write_text(text)
         print(f"rewrote the Python 3.12 type-parameter syntax in {path}")
 
