@@ -119,7 +119,7 @@ def patch_lerobot() -> None:
     for relative, (pairs, typevars) in REWRITES.items():
         path = root / relative
         text = path.read_text()
-        if all(new in text for _, new in pairs):
+        if not any(old in text for old, _ in pairs) and all(new in text for _, new in pairs):
             continue  # already rewritten
         for old, new in pairs:
             if old not in text:
