@@ -335,3 +335,9 @@ def test_jax_optional_config_overrides_only_what_it_states(tmp_path):
     (path / "config.json").write_text(json.dumps({"paligemma_variant": "gemma_2b"}))
     with pytest.raises(CheckpointError, match="declares 18 paligemma layers but the weights hold 2"):
         load_pi_checkpoint(path, "pi05")
+
+
+def test_incomplete_jax_checkpoint(tmp_path):
+    (tmp_path / "params" / "d").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="holds no orbax checkpoint"):
+        load_pi_checkpoint(tmp_path, "pi05")

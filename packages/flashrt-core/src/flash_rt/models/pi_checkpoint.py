@@ -127,6 +127,11 @@ def detect_format(path: str | Path) -> str:
         return "openpi-jax"
     has_weights = (directory / WEIGHTS_FILE).is_file() or (directory / WEIGHTS_INDEX).is_file()
     config_path = directory / "config.json"
+    if not has_weights and (directory / "params").is_dir():
+        raise CheckpointError(
+            f"{directory / 'params'} holds no orbax checkpoint (no _METADATA / manifest.ocdbt); the openpi JAX "
+            f"checkpoint is incomplete. Found in it: {_listing(directory / 'params')}"
+        )
     if not has_weights:
         raise CheckpointError(
             f"no weights in {directory}: expected {WEIGHTS_FILE} (lerobot or openpi PyTorch) or an orbax "
