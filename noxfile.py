@@ -118,7 +118,7 @@ def parity(session: nox.Session) -> None:
     session.run("python", "packages/flashrt-pi05/tests/lerobot_py311_compat.py")
     # fail here, not as a quiet pytest skip, when lerobot's Pi models cannot be imported
     session.run("python", "-c", "import lerobot.policies.pi05.modeling_pi05, lerobot.policies.pi0.modeling_pi0")
-    session.install("-e", "packages/flashrt-core[tokenizer]")
+    session.install("-e", "packages/flashrt-core[tokenizer,serve]")  # serve: its test modules import msgpack
     for package in MODEL_PACKAGES:
         session.install("-e", package)
     session.install("pytest>=8", "pytest-timeout")
