@@ -41,6 +41,8 @@ def make_observation(layout, rng, hw, index):
                 "images": {c: rng.randint(0, 256, size=(3, h, w), dtype=np.uint8) for c in cams}}
     if layout == "generic_list":
         return {"images": [image(), image()], "state": rng.rand(8).astype(np.float32), "prompt": prompt}
+    if layout == "generic_one":
+        return {"images": [image()], "state": rng.rand(8), "prompt": prompt}
     if layout == "generic_dict":
         return {"images": {"image": image(), "wrist_image": image()}, "state": rng.rand(8), "prompt": prompt}
     raise ValueError(layout)
@@ -185,10 +187,14 @@ def mode_disconnect(spec):
 def mode_soak(spec):
     rng = np.random.RandomState(spec.get("seed", 0))
     client = connect(spec)
-    obs = [make_observation("libero", rng, spec.get("hw", (16, 16)), i) for i in range(8)]
+    layout, hw = spec.get("layout", "libero"), spec.get("hw", (16, 16))
+    obs = [make_observation(layout, rng, hw, i) for i in range(8)]
     start = time.monotonic()
     for i in range(spec["n"]):
-        result = client.infer(obs[i % len(obs)])
+        request = obs[i % len(obs)]
+        if spec.get("fresh_state"):  # a robot's state changes every tick (Pi0.5 tokenizes it)
+            request = dict(request, **{k: rng.rand(*np.shape(v)) for k, v in request.items() if "state" in k})
+        result = client.infer(request)
         if result["actions"].shape != tuple(spec["shape"]) or not np.isfinite(result["actions"]).all():
             return {"ok": False, "at": i, "shape": list(result["actions"].shape)}
     return {"ok": True, "n": spec["n"], "elapsed_s": time.monotonic() - start}

@@ -4,8 +4,11 @@ client driver in it, and loading ``.npz`` results back."""
 import fcntl
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 import venv
 from pathlib import Path
 
@@ -106,3 +109,46 @@ def _lists(node):
     if node and all(k.startswith("#") for k in node):
         return [_lists(node[f"#{i}"]) for i in range(len(node))]
     return {k: _lists(v) for k, v in node.items()}
+
+
+class ServeProcess:
+    """``flashrt serve ... --port 0`` in a subprocess; the bound port is read from its log."""
+
+    def __init__(self, tmp_path, args, env=None, servetest=True):
+        self.log_path = tmp_path / "serve.log"
+        self._log = open(self.log_path, "w")
+        # servetest: our launcher registers the test model first; otherwise the real `flashrt` command
+        launcher = [str(HERE / "serving_cli_launcher.py"), "--servetest"] if servetest else ["-m", "flash_rt.cli"]
+        command = [sys.executable, *launcher, "serve", *args]
+        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
+        self.port = self._wait_for_port()
+
+    def _wait_for_port(self, timeout=120.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = re.search(r"listening on ws://[^:]+:(\d+)", self.log_path.read_text())
+            if match:
+                return int(match.group(1))
+            if self.proc.poll() is not None:
+                raise AssertionError(f"flashrt serve exited with {self.proc.returncode}:\n{self.log()}")
+            time.sleep(0.05)
+        raise AssertionError(f"flashrt serve did not start within {timeout} s:\n{self.log()}")
+
+    def rss_kb(self) -> int:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))
+
+    def log(self) -> str:
+        return self.log_path.read_text()[-4000:]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode

@@ -426,5 +426,13 @@ def test_rtx_backend_on_gpu_with_real_kernels(dtype):
     pytest.importorskip("flash_rt.flash_rt_fa2", reason="flashrt-kernels with flash_rt_fa2 not installed")
     from flash_rt.hardware.rtx.attn_backend import RtxFlashAttnBackend
 
-    spec = non_causal_spec()
-    check_attention_backend(RtxFlashAttnBackend(spec, dtype=dtype), spec, device="cuda")
+    # Pi0.5-like shapes: SigLIP (16 x 72), prefix MQA (8 x 256), suffix over prefix + own block.
+    spec = (
+        AttentionSpec()
+        .add_site("vision", num_layers=2, num_q_heads=16, num_kv_heads=16, head_dim=72, max_q_seq=256)
+        .add_site("prefix", num_layers=2, num_q_heads=8, num_kv_heads=1, head_dim=256, max_q_seq=97)
+        .add_site("suffix", num_layers=2, num_q_heads=8, num_kv_heads=1, head_dim=256, max_q_seq=51,
+                  max_kv_seq=148)
+    )
+    report = check_attention_backend(RtxFlashAttnBackend(spec, dtype=dtype), spec, device="cuda")
+    print(report.summary())

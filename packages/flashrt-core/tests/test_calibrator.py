@@ -111,10 +111,21 @@ def test_atomic_write_keeps_old_file_when_write_fails(monkeypatch, cache_dir):
         raise OSError("disk full")
 
     monkeypatch.setattr(calibrator.os, "replace", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CalibrationError, match="disk full.*previous file"):
         save_calibration("k", {"a": 2.0}, fingerprint=FP)
     assert (cache_dir / "k.json").read_bytes() == before
     assert os.listdir(cache_dir) == ["k.json"]  # no temp file left
+
+
+def test_unwritable_cache_dir_is_a_calibration_error(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    monkeypatch.setenv("FLASHRT_CACHE_DIR", str(blocker / "sub"))  # a path under a regular file
+    with pytest.raises(CalibrationError, match="FLASHRT_CACHE_DIR"):
+        save_calibration(None, {"a": 1.0}, fingerprint=FP)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_calibration(None, fingerprint=FP) is None  # reading there is just "no cache"
 
 
 def _write(cache_dir, text):

@@ -87,9 +87,16 @@ def test_torch_graph_replays_with_new_inputs():
     for _ in range(3):
         x.copy_(torch.randn(64, 128, device="cuda", generator=gen))
         out.fill_(float("nan"))
-        graph.replay()
+        graph.replay()  # on torch's current stream, after the copies above
         graph.synchronize()
         torch.testing.assert_close(out, torch.tanh(x @ w + 1.0))
+    # an explicit stream (torch object or int handle) works too
+    x.copy_(torch.randn(64, 128, device="cuda", generator=gen))
+    out.fill_(float("nan"))
+    side.wait_stream(torch.cuda.current_stream())
+    graph.replay(side.cuda_stream)
+    side.synchronize()
+    torch.testing.assert_close(out, torch.tanh(x @ w + 1.0))
 
 
 @torch_gpu

@@ -256,3 +256,37 @@ def test_real_clock_smoke():
 def test_stats_defaults():
     stats = RTCStats()
     assert stats.ticks == 0 and stats.miss_rate == 0.0 and np.isnan(stats.latency_p50_s)
+
+
+def test_an_unclosed_runner_is_collected_and_its_worker_stopped():
+    import gc
+
+    before = len(threads_named_rtc())
+    clock = FakeClock()
+    runner = AsyncChunkRunner(SlowPolicy(clock, TICK, 4), HZ, clock=clock)
+    drive(runner, clock, 3)
+    worker = runner._worker
+    del runner
+    gc.collect()
+    worker.join(2.0)
+    assert not worker.is_alive() and len(threads_named_rtc()) == before
+
+
+def test_fake_clock_wake_all_releases_only_current_sleepers():
+    clock = FakeClock()
+    woke = []
+    sleeper = threading.Thread(target=lambda: (clock.sleep(5.0), woke.append(clock.now())))
+    sleeper.start()
+    while not clock._sleepers:
+        time.sleep(1e-3)
+    clock.wake_all()
+    sleeper.join(2.0)
+    assert woke == [0.0]
+    later = threading.Thread(target=lambda: (clock.sleep(1.0), woke.append(clock.now())))
+    later.start()
+    while not clock._sleepers:
+        time.sleep(1e-3)
+    assert len(woke) == 1  # a later sleep waits for time as usual
+    clock.advance(1.0)
+    later.join(2.0)
+    assert woke == [0.0, 1.0]

@@ -3,12 +3,8 @@ unmodified openpi-client: API key through --api-key-env, SIGTERM shutdown, and a
 requests with the server's resident memory checked for growth."""
 
 import argparse
-import os
-import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,51 +19,9 @@ from serving_testmodel import write_checkpoint  # noqa: E402
 from flash_rt.errors import ConfigError  # noqa: E402
 from flash_rt.serving.cli import add_serve_parser, cmd_serve  # noqa: E402
 
-LAUNCHER = HERE / "serving_cli_launcher.py"
 SOAK_REQUESTS = 10_000
 SOAK_CLIENTS = 4
 MAX_RSS_GROWTH_KB = 20 * 1024
-
-
-class ServeProcess:
-    """``flashrt serve ... --port 0`` in a subprocess; the bound port is read from its log."""
-
-    def __init__(self, tmp_path, args, env=None, servetest=True):
-        self.log_path = tmp_path / "serve.log"
-        self._log = open(self.log_path, "w")
-        command = [sys.executable, str(LAUNCHER)] + (["--servetest"] if servetest else []) + ["serve", *args]
-        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})})
-        self.port = self._wait_for_port()
-
-    def _wait_for_port(self, timeout=120.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            match = re.search(r"listening on ws://[^:]+:(\d+)", self.log_path.read_text())
-            if match:
-                return int(match.group(1))
-            if self.proc.poll() is not None:
-                raise AssertionError(f"flashrt serve exited with {self.proc.returncode}:\n{self.log()}")
-            time.sleep(0.05)
-        raise AssertionError(f"flashrt serve did not start within {timeout} s:\n{self.log()}")
-
-    def rss_kb(self) -> int:
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
-        return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))
-
-    def log(self) -> str:
-        return self.log_path.read_text()[-4000:]
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
 
 
 @pytest.fixture
@@ -77,7 +31,7 @@ def client_python():
 
 def test_cli_serves_with_an_api_key_and_stops_on_sigterm(tmp_path, client_python):
     ckpt = write_checkpoint(tmp_path / "ckpt")
-    server = ServeProcess(tmp_path, ["--config", "servetest", "--checkpoint", str(ckpt), "--hardware", "cpu",
+    server = support.ServeProcess(tmp_path, ["--config", "servetest", "--checkpoint", str(ckpt), "--hardware", "cpu",
                                      "--port", "0", "--api-key-env", "SERVE_TEST_KEY", "--metadata",
                                      '{"robot": "libero"}'], env={"SERVE_TEST_KEY": "k-123"})
     try:
@@ -94,7 +48,7 @@ def test_cli_serves_with_an_api_key_and_stops_on_sigterm(tmp_path, client_python
 
 def test_soak_10k_requests_without_memory_growth(tmp_path, client_python):
     ckpt = write_checkpoint(tmp_path / "ckpt", horizon=10, action_dim=32)
-    server = ServeProcess(tmp_path, ["--config", "servetest", "--checkpoint", str(ckpt), "--hardware", "cpu",
+    server = support.ServeProcess(tmp_path, ["--config", "servetest", "--checkpoint", str(ckpt), "--hardware", "cpu",
                                      "--port", "0", "--log-level", "WARNING"])
     try:
         def batch(total, seed):
@@ -140,3 +94,12 @@ def test_serve_cli_option_errors(argv, message, monkeypatch):
     monkeypatch.delenv("FLASHRT_SURELY_UNSET_VAR", raising=False)
     with pytest.raises(ConfigError, match=message):
         cmd_serve(_parse(["serve", "--checkpoint", "/nonexistent", *argv]))
+
+
+def test_serve_cli_module_imports_no_server_dependencies():
+    """`flashrt --help` builds every subparser: the serve parser must not need the serve extra."""
+    code = ("import sys, flash_rt.serving.cli, flash_rt.serving.layouts; "
+            "bad = [m for m in ('websockets', 'msgpack', 'torch') if m in sys.modules]; "
+            "assert not bad, bad")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr

@@ -188,6 +188,46 @@ def test_header_with_inconsistent_offsets(tmp_path):
         SafetensorsSource(p)
 
 
+def test_bad_metadata_and_non_object_entries(tmp_path):
+    p = tmp_path / "x.safetensors"
+    for hdr, why in [
+        ({"__metadata__": ["a"]}, "__metadata__ must map strings"),
+        ({"a": [1, 2]}, "'a'.*malformed"),
+    ]:
+        raw = json.dumps(hdr).encode()
+        p.write_bytes(len(raw).to_bytes(8, "little") + raw)
+        with pytest.raises(CheckpointError, match=why):
+            SafetensorsSource(p)
+
+
+def test_fuzzed_files_give_checkpoint_errors_only(tmp_path):
+    """Random cuts and byte flips in the header: a clean load or a CheckpointError, nothing else."""
+    import random
+
+    good = _good_file(tmp_path).read_bytes()
+    n_header = 8 + int.from_bytes(good[:8], "little")
+    r = random.Random(0)
+    p = tmp_path / "fuzz.safetensors"
+    outcomes = set()
+    for trial in range(150):
+        data = bytearray(good)
+        if trial % 3 == 0:
+            data = data[: r.randrange(len(data))]
+        else:
+            for _ in range(r.randint(1, 4)):
+                data[r.randrange(n_header)] = r.randrange(256)
+        p.write_bytes(bytes(data))
+        try:
+            src = SafetensorsSource(p)
+            for k in src.keys():
+                src.read(k)
+            outcomes.add("ok")
+        except CheckpointError as e:
+            assert "fuzz.safetensors" in str(e)
+            outcomes.add("error")
+    assert outcomes == {"ok", "error"}
+
+
 def test_index_naming_a_missing_shard(tmp_path):
     write_sharded(tmp_path, random_checkpoint())
     os.remove(tmp_path / "model-00002-of-00002.safetensors")
@@ -519,4 +559,39 @@ def test_large_checkpoint_is_streamed_tensor_by_tensor(tmp_path):
     growth = max(out["anon"]) - base
     assert len(out["anon"]) == n and growth < 90, (
         f"anonymous memory grew {growth:.0f} MiB (all fp16 copies: 128 MiB)"
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_safetensors_source_on_cuda_matches_cpu(tmp_path):
+    ck = {
+        f"layers.{i}.{p}": rand(32, 16, seed=10 * i + j, dtype=torch.bfloat16)
+        for i in range(2)
+        for j, p in enumerate("qkv")
+    }
+    write_safetensors(tmp_path / "model.safetensors", ck)
+    spec = ModelWeightSpec(
+        [
+            LayerBlock(
+                2,
+                [
+                    Item(
+                        ["layers.{i}.q", "layers.{i}.k", "layers.{i}.v"],
+                        [ToFp32(), InterleaveQK(8, on=(0, 1)), FusedQKV(), tT(), Quant("_s")],
+                        TensorList("qkv"),
+                    ),
+                    Item("layers.{i}.q", [ToFp16()], FlatCat("flat", align=8)),
+                ],
+            )
+        ]
+    )
+    on_cpu = WeightLoader(SafetensorsSource(tmp_path), spec).load()
+    on_gpu = WeightLoader(SafetensorsSource(tmp_path, device="cuda:0"), spec).load()
+    assert on_gpu["qkv"][0].is_cuda and on_gpu["flat"].is_cuda
+    assert on_gpu["_s"] == on_cpu["_s"]
+    for a, b in zip(on_gpu["qkv"], on_cpu["qkv"], strict=True):
+        assert torch.equal(a.cpu().view(torch.uint8), b.view(torch.uint8))
+    assert (
+        torch.equal(on_gpu["flat"].cpu(), on_cpu["flat"]) and on_gpu["flat_offsets"] == on_cpu["flat_offsets"]
     )

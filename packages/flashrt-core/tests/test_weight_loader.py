@@ -144,6 +144,12 @@ def test_wildcard_shape_and_per_key_shapes():
     t = Target()
     WeightLoader(DictSource(ck), spec, t).run()
     assert torch.equal(t.ab[0], ck["a"]) and torch.equal(t.ab[1], ck["b"])
+    # a 2-D wildcard for one key is a shape, not two per-key shapes
+    WeightLoader(
+        DictSource(ck), ModelWeightSpec([Item("a", [], Attr("a"), shape=(None, None))]), t, unused="ignore"
+    ).run()
+    with pytest.raises(CheckpointError, match=r"'b': expected shape \(\*, \*\), found \(4,\)"):
+        WeightLoader(DictSource(ck), ModelWeightSpec([Item("b", [], Attr("b"), shape=(None, None))]), t).run()
     bad = ModelWeightSpec([Item(["a", "b"], [], TensorList("ab"), shape=[(None, 6), (4,)])])
     with pytest.raises(CheckpointError, match=r"expected shape \(\*, 6\), found \(3, 5\)"):
         WeightLoader(DictSource(ck), bad, Target()).run()
@@ -288,3 +294,36 @@ def test_dict_target_and_load_returns_it():
     assert torch.equal(weights["norm_2"], ck["layers.2.norm.weight"])
     mine = {"q_w": []}
     assert WeightLoader(DictSource(ck), toy_spec(), mine).load() is mine and len(mine["q_w"]) == 3
+
+
+def test_loading_twice_does_not_double_lists_or_scales():
+    from flash_rt.executors.torch_weights import Quant
+
+    ck = toy_checkpoint()
+    spec = ModelWeightSpec(
+        [LayerBlock(3, [Item("layers.{i}.q.weight", [Quant("_scales")], TensorList("q"))])]
+    )
+    t = Target()
+    loader = WeightLoader(DictSource(ck), spec, t, unused="ignore")
+    loader.run()
+    first = list(t._scales)
+    loader.run()
+    WeightLoader(DictSource(ck), spec, t, unused="ignore").run()
+    assert len(t.q) == 3 and t._scales == first
+
+
+def test_closest_keys_prefix_typo_and_unrelated():
+    from flash_rt.executors.weight_loader import closest_keys
+
+    names = [
+        f"pwe.paligemma.model.language_model.layers.{i}.{m}.weight"
+        for i in range(18)
+        for m in ("mlp.up_proj", "mlp.down_proj", "self_attn.q_proj")
+    ]
+    # a prefix added or dropped
+    assert closest_keys("model." + names[7], names) == [names[7]]
+    assert closest_keys(names[7].removeprefix("pwe."), names) == [names[7]]
+    # a renamed module keeps the layer
+    got = closest_keys("pwe.paligemma.model.language_model.layers.6.ffn.up_proj.weight", names)
+    assert got[0] == "pwe.paligemma.model.language_model.layers.6.mlp.up_proj.weight"
+    assert closest_keys("something.else", names) == []

@@ -33,8 +33,10 @@ def random_model(seed=0, **kw) -> Pi05Reference:
     model = Pi05Reference(tiny_config(), **kw)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in model.parameters():  # adaRMS Dense layers included: zero ones would test nothing
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        for name, p in model.named_parameters():  # adaRMS Dense layers included: zero ones would test nothing
+            noise = torch.randn(p.shape, generator=gen)
+            layer_norm_scale = ("layer_norm" in name or "post_layernorm" in name) and name.endswith("weight")
+            p.copy_(1.0 + 0.2 * noise if layer_norm_scale else noise * 0.1)
     return model.eval()
 
 

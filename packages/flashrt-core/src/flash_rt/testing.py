@@ -165,7 +165,9 @@ def check_attention_backend(
             f"dtype={dtype} given, but the backend's slots are {backend_dtype}; pass the backend's dtype"
         )
     if device is None:
-        device = getattr(backend, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = getattr(backend, "device", None)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch_device(device)
     dtype_name = str(dtype).removeprefix("torch.")
     default_atol, default_rtol = _TOLERANCES[dtype_name]

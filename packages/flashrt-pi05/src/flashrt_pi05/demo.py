@@ -9,6 +9,7 @@ few values and the latency. ``--size tiny`` (default) runs on a CPU in seconds; 
 
 from __future__ import annotations
 
+import inspect
 import shutil
 import time
 from pathlib import Path
@@ -88,6 +89,15 @@ def run_demo(args) -> int:
     started = time.perf_counter()
     path = demo_checkpoint(args.size, args.cache_dir, args.seed)
     options = dict(config="pi05", num_views=args.num_views, hardware=args.hardware, device=args.device)
+    if args.hardware == "auto":
+        from flash_rt.hardware import detect_arch, registered_routes  # noqa: PLC0415
+
+        arch = detect_arch()
+        if ("pi05", "torch", arch) not in registered_routes():
+            # No fast path installed for this GPU: run the reference frontend on it instead.
+            print(f"no pi05 frontend for arch {arch!r}; using the reference frontend on "
+                  f"{args.device or ('cuda' if arch != 'cpu' else 'cpu')}", flush=True)
+            options.update(hardware="cpu", device=args.device or ("cuda" if arch != "cpu" else None))
     try:
         model = flash_rt.load_model(str(path), **options)
     except CheckpointError as exc:  # a damaged cache is rebuilt, not trusted
@@ -99,11 +109,15 @@ def run_demo(args) -> int:
     state_dim = getattr(config, "state_dim", None) or 8
     images, state = synthetic_observation(args.num_views, state_dim, args.seed)
     prompt = "pick up the red cup and put it on the plate"
+    noise = None  # fixed flow noise where the frontend takes it, so the printed values are reproducible
+    if config is not None and "noise" in inspect.signature(model.frontend.infer).parameters:
+        rng = np.random.default_rng(args.seed + 1)
+        noise = rng.standard_normal((config.action_horizon, config.action_dim)).astype(np.float32)
 
     latencies = []
     for _ in range(args.runs):
         t0 = time.perf_counter()
-        actions = model.predict(images, prompt=prompt, state=state)
+        actions = model.predict(images, prompt=prompt, state=state, noise=noise)
         latencies.append(time.perf_counter() - t0)
 
     print(f"model       Pi0.5 ({args.size}, random weights) via {model!r}")

@@ -143,27 +143,34 @@ class CUDAGraph:
     # -- replay ------------------------------------------------------------------------------------
 
     def replay(self, stream=None) -> None:
-        """Launch the captured work on ``stream`` (default: the capture stream)."""
+        """Launch the captured work on ``stream``. Default: torch's current stream for the torch
+        backend (as ``torch.cuda.CUDAGraph.replay``), the capture stream for the cuda backend."""
         if not self._captured:
             raise ConfigError("CUDAGraph.replay() before capture(); capture the work first")
-        handle = self._stream if stream is None else _stream(stream)
         if self.backend == "torch":
             import torch  # noqa: PLC0415
 
-            with torch.cuda.device(self.device), torch.cuda.stream(self._torch_stream_for(handle)):
+            if stream is None:
+                on_stream = contextlib.nullcontext()
+            elif hasattr(stream, "cuda_stream"):
+                on_stream = torch.cuda.stream(stream)
+            else:
+                on_stream = torch.cuda.stream(self._torch_stream_for(_stream(stream)))
+            with torch.cuda.device(self.device), on_stream:
                 try:
                     self._graph.replay()
                 except RuntimeError as exc:
                     raise HardwareError(f"CUDA graph replay failed: {exc}") from exc
             return
+        handle = self._stream if stream is None else _stream(stream)
         rt = _rt()
         with on_device(self.device):
             cuda_check(rt.cudaGraphLaunch(self._exec, handle), "cudaGraphLaunch")
 
     def synchronize(self) -> None:
-        """Wait for the work queued on the capture stream (replays included)."""
-        if self._stream and self.backend == "torch":
-            self._torch_stream_for(self._stream).synchronize()
+        """Wait for the replays: the whole device (torch backend), the capture stream (cuda)."""
+        if self.backend == "torch":
+            _torch_cuda(self.device).cuda.synchronize(self.device)
         elif self._stream:
             with on_device(self.device):
                 cuda_check(_rt().cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
@@ -172,6 +179,8 @@ class CUDAGraph:
         """A cached torch view of stream ``handle`` (no cuda-python on the torch path)."""
         import torch  # noqa: PLC0415
 
+        if handle == 0:
+            return torch.cuda.default_stream(self.device)
         cache = self.__dict__.setdefault("_torch_streams", {})
         if handle not in cache:
             cache[handle] = torch.cuda.ExternalStream(handle, device=self.device)

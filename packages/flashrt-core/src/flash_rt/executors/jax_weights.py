@@ -262,7 +262,7 @@ class JaxQuant(Transform):
             raise ConfigError("JaxQuant takes one array; combine the Item's arrays first (NumpyConcat)")
         bits, scale = quantize_fp8_e4m3_numpy(value)
         if self.scale_into is not None:
-            append_target(ctx.target, ctx.fmt(self.scale_into), scale)
+            append_target(ctx.target, ctx.fmt(self.scale_into), scale, ctx)
         if self.scale_attr is not None:
             set_target(ctx.target, ctx.fmt(self.scale_attr), scale)
         return bits
@@ -284,7 +284,7 @@ class NumpyAttr(Sink):
 
 
 class NumpyList(Sink):
-    """Append to a list attribute (created on first use)."""
+    """Append to a list attribute, one entry per item / layer (a new list for each load)."""
 
     def __init__(self, name: str):
         self.name = name
@@ -292,34 +292,34 @@ class NumpyList(Sink):
     def store(self, value, ctx: LoadContext) -> None:
         name = ctx.fmt(self.name)
         for v in value if isinstance(value, list) else [value]:
-            append_target(ctx.target, name, np.asarray(v))
+            append_target(ctx.target, name, np.asarray(v), ctx)
 
 
-def _upload(arr: np.ndarray):
+def _upload(arr: np.ndarray, dtype, device: int):
     """Host array -> ``flash_rt.core.cuda_buffer.CudaBuffer`` (imported here, so that loading
     into numpy sinks never needs CUDA)."""
     from flash_rt.core.cuda_buffer import CudaBuffer
 
-    arr = np.ascontiguousarray(arr)
-    for ctor in ("from_numpy", "from_array"):
-        fn = getattr(CudaBuffer, ctor, None)
-        if fn is not None:
-            return fn(arr)
-    raise ConfigError("flash_rt.core.cuda_buffer.CudaBuffer has no from_numpy(array); cannot upload weights")
+    return CudaBuffer.from_numpy(np.ascontiguousarray(arr), dtype=dtype, device=device)
 
 
 class CudaBufferAttr(Sink):
-    """Upload to the device and store the ``CudaBuffer`` as ``target.<name>``."""
+    """Upload to the device and store the ``CudaBuffer`` as ``target.<name>``.
 
-    def __init__(self, name: str):
+    ``dtype`` is the device dtype (default: the array's); ``"float8_e4m3"`` takes the uint8
+    bits ``JaxQuant`` produces as they are, ``"bfloat16"`` encodes a float array."""
+
+    def __init__(self, name: str, *, dtype=None, device: int = 0):
         self.name = name
+        self.dtype = dtype
+        self.device = device
 
     def store(self, value, ctx: LoadContext) -> None:
         if isinstance(value, list):
             raise ConfigError(
                 f"CudaBufferAttr({self.name!r}) takes one array; combine the Item's arrays first"
             )
-        set_target(ctx.target, ctx.fmt(self.name), _upload(value))
+        set_target(ctx.target, ctx.fmt(self.name), _upload(value, self.dtype, self.device))
 
 
 def flat_pack(parts: Sequence[np.ndarray], align: int = 1) -> tuple[np.ndarray, list[tuple[int, tuple]]]:
@@ -341,12 +341,17 @@ class CudaBufferFlat(Sink):
 
     After the load, ``target.<name>`` is a CudaBuffer holding every stored array, flattened,
     in load order; ``target.<offsets_attr>`` (default ``name + "_offsets"``) lists
-    ``(offset, shape)`` in elements. All parts share one dtype; ``align`` pads part starts."""
+    ``(offset, shape)`` in elements. All parts share one dtype; ``align`` pads part starts;
+    ``dtype`` / ``device`` as for ``CudaBufferAttr``."""
 
-    def __init__(self, name: str, *, offsets_attr: str | None = None, align: int = 1):
+    def __init__(
+        self, name: str, *, offsets_attr: str | None = None, align: int = 1, dtype=None, device: int = 0
+    ):
         self.name = name
         self.offsets_attr = offsets_attr
         self.align = int(align)
+        self.dtype = dtype
+        self.device = device
 
     def store(self, value, ctx: LoadContext) -> None:
         name = ctx.fmt(self.name)
@@ -361,12 +366,12 @@ class CudaBufferFlat(Sink):
             parts.append(v)
         target = ctx.target
         offsets_name = ctx.fmt(self.offsets_attr) if self.offsets_attr else name + "_offsets"
-        align = self.align
+        align, dtype, device = self.align, self.dtype, self.device
 
         def finish():
             flat, offsets = flat_pack(parts, align)
             parts.clear()
-            set_target(target, name, _upload(flat))
+            set_target(target, name, _upload(flat, dtype, device))
             set_target(target, offsets_name, offsets)
 
         ctx.on_finish(key, finish)

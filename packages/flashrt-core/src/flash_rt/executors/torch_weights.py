@@ -418,7 +418,7 @@ class Quant(Transform):
     """FP8 E4M3 per-tensor quantisation; the result is the ``float8_e4m3fn`` tensor.
 
     The scale (a Python float, ``x ~= q * scale``) is recorded on the target:
-    ``scale_into="_enc_w_scales"`` appends it to that list attribute (created if absent; the
+    ``scale_into="_enc_w_scales"`` appends it to that list attribute (a new list each load; the
     seed convention, later turned into one device tensor), ``scale_attr="q_scale"`` sets it
     as an attribute. Either name may use templates (``"scale_{i}"``).
     """
@@ -436,7 +436,7 @@ class Quant(Transform):
             raise ConfigError("Quant takes one tensor; combine the Item's tensors first (Cat, FusedQKV, ...)")
         q, scale = quantize_fp8_e4m3(value)
         if self.scale_into is not None:
-            append_target(ctx.target, ctx.fmt(self.scale_into), scale)
+            append_target(ctx.target, ctx.fmt(self.scale_into), scale, ctx)
         if self.scale_attr is not None:
             set_target(ctx.target, ctx.fmt(self.scale_attr), scale)
         return q
@@ -499,7 +499,8 @@ class Attr(Sink):
 
 
 class TensorList(Sink):
-    """Append to a list attribute (created on first use), one entry per item / layer.
+    """Append to a list attribute, one entry per item / layer. The list is new for each
+    load (a second ``run()`` replaces it rather than doubling it).
 
     A list-valued item (several keys, nothing combined) appends each tensor."""
 
@@ -509,7 +510,7 @@ class TensorList(Sink):
     def store(self, value, ctx: LoadContext) -> None:
         name = ctx.fmt(self.name)
         for v in value if isinstance(value, list) else [value]:
-            append_target(ctx.target, name, v)
+            append_target(ctx.target, name, v, ctx)
 
 
 class FlatCat(Sink):

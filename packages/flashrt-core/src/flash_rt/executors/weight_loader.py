@@ -146,17 +146,33 @@ def _fmt_shape(shape) -> str:
     )
 
 
+def _tail(name: str, parts: int) -> str:
+    return ".".join(name.replace("/", ".").rsplit(".", parts)[-parts:])
+
+
 def closest_keys(key: str, candidates: Iterable[str], n: int = 3) -> list[str]:
-    """Names among ``candidates`` most similar to ``key`` (for 'did you mean' messages)."""
+    """Names among ``candidates`` most similar to ``key`` (for 'did you mean' messages).
+
+    Cheap on checkpoints of ~1000 long dotted names: a prefix added or dropped is found by
+    suffix match; otherwise difflib ranks only names with the same last two components or
+    similar last three components.
+    """
     cands = list(candidates)
-    close = difflib.get_close_matches(key, cands, n=n, cutoff=0.5)
-    if close:
-        return close
-    # Long dotted names differ in a prefix more often than in a typo: compare the tails.
-    tail = key.rsplit(".", 2)[-2:]
-    tail_s = ".".join(tail)
-    same_tail = [c for c in cands if c.endswith(tail_s)]
-    return same_tail[:n]
+    affix = [c for c in cands if c.endswith(key) or (key.endswith(c) and 2 * len(c) > len(key))]
+    if affix:
+        return sorted(affix, key=lambda c: abs(len(c) - len(key)))[:n]
+    tail = _tail(key, 2)
+    same_tail = [c for c in cands if _tail(c, 2) == tail]
+    short: dict[str, list[str]] = {}
+    for c in cands:
+        short.setdefault(_tail(c, 3), []).append(c)
+    near_tail = [
+        c
+        for t in difflib.get_close_matches(_tail(key, 3), list(short), n=4 * n, cutoff=0.5)
+        for c in short[t]
+    ]
+    pool = list(dict.fromkeys(same_tail + near_tail))
+    return difflib.get_close_matches(key, pool, n=n, cutoff=0.3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,6 +223,11 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
     data_start = 8 + n
     data_size = size - data_start
     furthest = 0
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(
+            f"{path}: the safetensors __metadata__ must map strings to strings, found {meta!r:.200}"
+        )
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -408,16 +429,23 @@ def set_target(target: Any, name: str, value: Any) -> None:
         setattr(target, name, value)
 
 
-def append_target(target: Any, name: str, value: Any) -> None:
-    """Append to the list ``name`` of the target (created on first use)."""
+def append_target(target: Any, name: str, value: Any, ctx: LoadContext | None = None) -> None:
+    """Append to the list ``name`` of the target.
+
+    With ``ctx`` (inside a load) the list is started afresh on its first append of each run, so
+    loading twice never leaves layers or scales doubled; without it, an existing list is
+    extended (created if absent)."""
+    fresh = ctx is not None and not ctx.state(("list", name)).get("started")
     lst = target.get(name) if isinstance(target, MutableMapping) else getattr(target, name, None)
-    if lst is None:
-        lst = []
-        set_target(target, name, lst)
-    elif not isinstance(lst, list):
+    if lst is not None and not isinstance(lst, list):
         raise ConfigError(
             f"{name!r} of the load target is a {type(lst).__name__}, expected a list to append to"
         )
+    if lst is None or fresh:
+        lst = []
+        set_target(target, name, lst)
+        if ctx is not None:
+            ctx.state(("list", name))["started"] = True
     lst.append(value)
 
 
@@ -437,7 +465,10 @@ def _as_shapes(shape, n_keys: int):
     if shape is None:
         return [None] * n_keys
     shape = list(shape)
-    if shape and all(isinstance(s, (tuple, list)) or s is None for s in shape):
+    # a list of shapes (one per key) holds tuples; a single shape holds ints / names / None
+    if any(isinstance(s, (tuple, list)) for s in shape) and all(
+        isinstance(s, (tuple, list)) or s is None for s in shape
+    ):
         if len(shape) != n_keys:
             raise ConfigError(
                 f"Item got {len(shape)} shapes for {n_keys} keys; give one per key or one for all."
@@ -799,7 +830,7 @@ class WeightLoader:
         return self.target
 
     def _progress_bar(self, total: int):
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
         return tqdm(
             total=total,

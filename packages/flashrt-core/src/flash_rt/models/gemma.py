@@ -96,14 +96,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Ten
     Returns (B, Tq, Hq * D) in v's dtype. Query head h reads KV head h // (Hq / Hkv).
     """
     batch, num_heads, q_len, head_dim = q.shape
-    group = num_heads // k.shape[1]
-    if group > 1:
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
+    num_kv_heads = k.shape[1]
+    # Group the query heads that share a KV head instead of repeating K and V (same result).
+    q = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads * q_len, head_dim)
     logits = torch.matmul(q.float() * head_dim**-0.5, k.float().transpose(-1, -2))
-    logits = logits.masked_fill(~allowed[:, None], MASKED_LOGIT)
-    probs = torch.softmax(logits, dim=-1).to(v.dtype)
-    out = torch.matmul(probs, v)
+    logits = logits.view(batch, num_kv_heads, num_heads // num_kv_heads, q_len, -1)
+    logits = logits.masked_fill(~allowed[:, None, None], MASKED_LOGIT)
+    probs = torch.softmax(logits, dim=-1).to(v.dtype).view(batch, num_kv_heads, -1, k.shape[2])
+    out = torch.matmul(probs, v).view(batch, num_heads, q_len, head_dim)
     return out.transpose(1, 2).reshape(batch, q_len, num_heads * head_dim)
 
 

@@ -198,6 +198,8 @@ class PiReferenceBase(nn.Module):
     def from_checkpoint(cls, checkpoint, *, device=None, dtype=None, **knobs):
         """Build from a ``PiCheckpoint`` (flash_rt.models.pi_checkpoint) without a random init:
         the modules are made on the meta device and take the checkpoint's tensors."""
+        if isinstance(dtype, str):  # "bfloat16" / "float32"
+            dtype = getattr(torch, dtype)
         with torch.device("meta"):
             model = cls(checkpoint.config, **knobs)
         model.load_state_dict(checkpoint.state_dict, strict=True, assign=True)

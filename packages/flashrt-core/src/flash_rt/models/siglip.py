@@ -40,9 +40,15 @@ class SiglipEmbeddings(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels (N, 3, H, W) in [-1, 1] -> (N, num_patches, width) in fp32 (or the conv's dtype)."""
-        weight = self.patch_embedding.weight
-        patches = self.patch_embedding(pixels.to(weight.dtype))  # (N, width, g, g)
-        tokens = patches.flatten(2).transpose(1, 2)
+        # The stride = kernel conv as one matmul over flattened patches: the same sum, and on CUDA it
+        # stays full fp32 (cuDNN convolutions default to TF32).
+        conv = self.patch_embedding
+        patch = conv.kernel_size[0]
+        n, channels, height, width = pixels.shape
+        gh, gw = height // patch, width // patch
+        x = pixels.to(conv.weight.dtype).reshape(n, channels, gh, patch, gw, patch)
+        x = x.permute(0, 2, 4, 1, 3, 5).reshape(n, gh * gw, channels * patch * patch)
+        tokens = F.linear(x, conv.weight.reshape(conv.out_channels, -1), conv.bias)
         return tokens + self.position_embedding.weight.to(tokens.dtype)[None]
 
 

@@ -71,7 +71,7 @@ class FakeClock:
         self._sleepers: dict[int, float] = {}  # thread ident -> deadline, while blocked
         self._driver = threading.get_ident()
         self._settle_timeout_s = settle_timeout_s
-        self._released = False
+        self._generation = 0  # bumped by wake_all(): releases the sleepers of that moment only
 
     def now(self) -> float:
         with self._cond:
@@ -101,7 +101,8 @@ class FakeClock:
             if deadline <= self._now:
                 return
             self._sleepers[me] = deadline
-            while self._now < deadline and not self._released:
+            generation = self._generation
+            while self._now < deadline and generation == self._generation:
                 self._cond.wait()
             self._sleepers.pop(me, None)
 
@@ -132,7 +133,7 @@ class FakeClock:
 
     def wake_all(self) -> None:
         with self._cond:
-            self._released = True
+            self._generation += 1
             self._sleepers.clear()
             self._cond.notify_all()
 
@@ -183,12 +184,10 @@ class CallablePolicyAdapter(ActionChunkAdapter):
         return out
 
 
-def _as_chunk(chunk: Any, action_dim: int | None) -> np.ndarray:
+def _as_chunk(chunk: Any) -> np.ndarray:
     arr = np.asarray(chunk)
     if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
         raise InputError(f"a policy must return an action chunk of shape (H, D) with H, D >= 1, got {arr.shape}")
-    if action_dim is not None and arr.shape[1] != action_dim:
-        raise InputError(f"the policy returned actions of dim {arr.shape[1]}, earlier chunks had {action_dim}")
     return arr
 
 
@@ -219,6 +218,41 @@ class RTCStats:
     @property
     def miss_rate(self) -> float:
         return self.misses / self.ticks if self.ticks else 0.0
+
+
+class _Inbox:
+    """The worker's side: one pending job at a time, run on the worker thread."""
+
+    def __init__(self, adapter: ActionChunkAdapter, clock: Any) -> None:
+        self.adapter, self.clock = adapter, clock
+        self._cond = threading.Condition()
+        self._pending: _Job | None = None  # handed over, not yet picked up
+        self._stopped = False
+
+    def put(self, job: _Job) -> None:
+        with self._cond:
+            self._pending = job
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+    def serve(self) -> None:
+        while True:
+            with self._cond:
+                while self._pending is None and not self._stopped:
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                job, self._pending = self._pending, None
+            try:
+                job.chunk = _as_chunk(self.adapter.infer_chunk(job.observation))
+            except BaseException as exc:  # surfaced to the control thread by step()
+                job.error = exc
+            job.finished_at = self.clock.now()
+            job.done.set()
 
 
 # -- runner -------------------------------------------------------------------------------------
@@ -292,10 +326,10 @@ class AsyncChunkRunner:
         self._startup_s = 0.0
         self._closed = False
 
-        self._cond = threading.Condition()
-        self._pending: _Job | None = None  # handed to the worker, not yet picked up
-        self._stop = False
-        self._worker = threading.Thread(target=self._work, name="flashrt-rtc-worker", daemon=True)
+        # The worker holds only its inbox, never the runner, so an unclosed runner can still be
+        # collected (its __del__ then stops the thread).
+        self._inbox = _Inbox(self.adapter, self.clock)
+        self._worker = threading.Thread(target=self._inbox.serve, name="flashrt-rtc-worker", daemon=True)
         self._worker.start()
 
     # -- control side ---------------------------------------------------------------------------
@@ -359,9 +393,7 @@ class AsyncChunkRunner:
     def _submit(self, observation: Any, tick: int) -> None:
         job = _Job(observation=observation, obs_tick=tick, requested_at=self.clock.now(), done=threading.Event())
         self._job = job
-        with self._cond:
-            self._pending = job
-            self._cond.notify_all()
+        self._inbox.put(job)
         # Under a virtual clock this waits until the worker has started the job (so the policy's
         # clock time starts now, not after the driver's next advance); wall clocks return at once.
         self.clock.poll(job.done, self._worker)
@@ -374,6 +406,9 @@ class AsyncChunkRunner:
             self._counts["errors"] += 1
             raise job.error
         actions = job.chunk
+        if self._action_dim is not None and actions.shape[1] != self._action_dim:
+            self._counts["errors"] += 1
+            raise InputError(f"the policy returned actions of dim {actions.shape[1]}, earlier chunks had {self._action_dim}")
         self._action_dim = actions.shape[1]
         self._latencies.append(job.finished_at - job.requested_at)
         self._counts["calls"] += 1
@@ -382,23 +417,6 @@ class AsyncChunkRunner:
             self._counts["chunk_switches"] += 1
         self._counts["skipped_actions"] += max(0, min(tick - start, len(actions)))
         self._chunk = _Chunk(actions=actions, start_tick=start, obs_tick=job.obs_tick, requested_at=job.requested_at)
-
-    # -- worker side ----------------------------------------------------------------------------
-
-    def _work(self) -> None:
-        while True:
-            with self._cond:
-                while self._pending is None and not self._stop:
-                    self._cond.wait()
-                if self._stop:
-                    return
-                job, self._pending = self._pending, None
-            try:
-                job.chunk = _as_chunk(self.adapter.infer_chunk(job.observation), self._action_dim)
-            except BaseException as exc:  # surfaced to the control thread by step()
-                job.error = exc
-            job.finished_at = self.clock.now()
-            job.done.set()
 
     # -- a paced loop -----------------------------------------------------------------------------
 
@@ -457,9 +475,7 @@ class AsyncChunkRunner:
         if self._closed:
             return
         self._closed = True
-        with self._cond:
-            self._stop = True
-            self._cond.notify_all()
+        self._inbox.stop()
         self.clock.wake_all()
         self._worker.join(timeout)
         if self._worker.is_alive():

@@ -37,6 +37,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--metadata", metavar="JSON",
                         help="JSON object sent to each client on connect (default: {})")
     parser.add_argument("--num-views", type=int, default=2, help="camera views the model takes (default: 2)")
+    parser.add_argument("--num-steps", type=int, default=None,
+                        help="flow-matching steps, where the frontend takes it (default: the checkpoint's)")
     parser.add_argument("--action-dim", type=int, default=None,
                         help="keep the first N action dims (default: the layout's openpi width, LIBERO 7, "
                         "DROID 8, ALOHA 14; 0 never slices)")
@@ -86,6 +88,8 @@ def cmd_serve(args) -> int:
                "framework": args.framework}
     if args.tokenizer:
         options["tokenizer"] = args.tokenizer
+    if args.num_steps is not None:
+        options["num_steps"] = args.num_steps
     model = flash_rt.load_model(args.checkpoint, **options)
     server = PolicyServer(
         model, args.host, args.port,

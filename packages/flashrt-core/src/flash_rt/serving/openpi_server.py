@@ -143,6 +143,7 @@ class PolicyServer:
         """Bind and serve on a background thread; returns once the port is bound."""
         if self._thread is not None:
             raise RuntimeError("PolicyServer.start() called twice")
+        self._ready, self._startup_error, self._port = threading.Event(), None, None  # a restart after stop()
         self._thread = threading.Thread(target=self._thread_main, name="flashrt-serve", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout):
@@ -163,6 +164,7 @@ class PolicyServer:
                 pass
         self._thread.join(timeout)
         self._thread = None
+        self._port = None
 
     def __enter__(self) -> PolicyServer:
         return self.start()
@@ -202,16 +204,23 @@ class PolicyServer:
                     pass
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="flashrt-infer")
         try:
-            async with serve(
-                self._handle,
-                self._host,
-                self._requested_port,
-                compression=None,
-                max_size=self._max_frame_bytes,
-                max_queue=2,  # lock-step clients send one frame at a time; bounds buffered frames
-                origins=self._origins,
-                process_request=self._process_request,
-            ) as server:
+            try:
+                server = await serve(
+                    self._handle,
+                    self._host,
+                    self._requested_port,
+                    compression=None,
+                    max_size=self._max_frame_bytes,
+                    max_queue=2,  # lock-step clients send one frame at a time; bounds buffered frames
+                    origins=self._origins,
+                    process_request=self._process_request,
+                )
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot listen on {self._host}:{self._requested_port}: {exc.strerror or exc}; pick "
+                    "another --port (0 picks a free one) or --host"
+                ) from None
+            async with server:
                 self._port = server.sockets[0].getsockname()[1]
                 logger.info("flashrt serve: listening on ws://%s:%d", self._host, self._port)
                 self._ready.set()
@@ -231,12 +240,12 @@ class PolicyServer:
         if path == "/healthz":
             return connection.respond(http.HTTPStatus.OK, "OK\n")
         if self._expected_auth is not None:
-            header = request.headers.get("Authorization")
-            if header is None:
+            headers = request.headers.get_all("Authorization")
+            if len(headers) != 1:
                 return connection.respond(
-                    http.HTTPStatus.UNAUTHORIZED, "this server needs the header 'Authorization: Api-Key <key>'\n"
+                    http.HTTPStatus.UNAUTHORIZED, "this server needs one header 'Authorization: Api-Key <key>'\n"
                 )
-            if not hmac.compare_digest(header.encode("utf-8", "replace"), self._expected_auth):
+            if not hmac.compare_digest(headers[0].encode("utf-8", "replace"), self._expected_auth):
                 return connection.respond(http.HTTPStatus.FORBIDDEN, "wrong API key\n")
         return None
 

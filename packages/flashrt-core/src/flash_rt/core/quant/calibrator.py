@@ -206,7 +206,8 @@ def save_calibration(
             ...): JSON values.
 
     Raises ``CalibrationError`` for a non-finite, zero or negative scale (a calibration that
-    produced one is broken and must not be cached).
+    produced one is broken and must not be cached), and when the file cannot be written
+    (a frontend may catch that, warn, and run with the scales it has).
     """
     if not isinstance(fingerprint, str) or not fingerprint:
         raise CalibrationError("save_calibration needs fingerprint=checkpoint_fingerprint(checkpoint_path)")
@@ -226,20 +227,31 @@ def save_calibration(
         "scales": plain,
     }
     path = _resolve_path(path_or_key, fingerprint, options)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = json.dumps(doc, indent=1, sort_keys=True, allow_nan=False).encode("utf-8")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    except OSError as e:
+        raise CalibrationError(
+            f"cannot write the calibration cache {os.fspath(path)}: {e}. Set {CACHE_ENV} to a writable "
+            "directory (the scales are still valid for this run)."
+        ) from e
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError):
+            raise CalibrationError(
+                f"cannot write the calibration cache {os.fspath(path)}: {e}. The previous file, if any, "
+                f"is unchanged; set {CACHE_ENV} to a writable directory."
+            ) from e
         raise
     return path
 
@@ -267,7 +279,7 @@ def load_calibration(
     path = _resolve_path(path_or_key, fingerprint, options)
     try:
         raw = path.read_bytes()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as e:
         return _reject(path, f"cannot be read ({e})")
