@@ -42,6 +42,7 @@ MODEL_TYPES = ("pi05", "pi0")
 OPENPI_ASSET_ID = "flashrt_random"
 ROBOT_STATE_DIM = 8  # the stand-in robot: 8 state dims, 7 action dims (below the padded 32)
 ROBOT_ACTION_DIM = 7
+RANDOM_CHUNK = 1 << 22  # elements drawn at a time (16 MB of fp32)
 
 # Small enough for a 2-core CPU, large enough to keep every structural feature: expert width
 # different from the LLM width, MQA (1 KV head), 8 heads (lerobot hard-codes 8), several layers.
@@ -91,8 +92,14 @@ def random_tensor(tensor: ExpectedTensor, seed: int, dtype=None) -> torch.Tensor
 
     generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(tensor.name.encode())) % 2**63)
     mean, std = _init_scale(tensor)
-    value = torch.randn(tensor.shape, generator=generator, dtype=torch.float32) * std + mean
-    return value if dtype is None else value.to(dtype)
+    # Drawn in fixed-size fp32 chunks straight into the target dtype: the values depend only on
+    # (seed, name, shape), and a bf16 embedding never passes through a full fp32 copy.
+    out = torch.empty(tensor.shape, dtype=torch.float32 if dtype is None else dtype)
+    flat = out.view(-1)
+    for start in range(0, flat.numel(), RANDOM_CHUNK):
+        n = min(RANDOM_CHUNK, flat.numel() - start)
+        flat[start:start + n] = torch.randn(n, generator=generator, dtype=torch.float32) * std + mean
+    return out
 
 
 def random_state_dict(config: PiConfig, seed: int = 0, dtype=None) -> dict[str, torch.Tensor]:
