@@ -185,3 +185,44 @@ def test_images_only_stage_matches(pair):
         got = ours.embed_images(images[None])
     assert _relative_error(got, ref) <= TOLERANCE
 
+
+
+@pytest.mark.parametrize("state_mode,action_mode", [("QUANTILES", "QUANTILES"), ("MEAN_STD", "MEAN_STD"),
+                                                    ("MIN_MAX", "QUANTILES")])
+def test_norm_stats_match_lerobot_processors(tmp_path, state_mode, action_mode):
+    """Stats files written by lerobot's own processor pipelines, read by flash_rt; the (un)normalised
+    values against lerobot's own transforms, including a zero-range dimension."""
+    from lerobot.configs.types import FeatureType, NormalizationMode, PolicyFeature
+    from lerobot.processor import NormalizerProcessorStep, PolicyProcessorPipeline, UnnormalizerProcessorStep
+
+    from flash_rt.models.pi_norm import load_lerobot_norm_stats
+
+    rng = np.random.default_rng(3)
+
+    def stats(dim):
+        mean, std = rng.normal(size=dim), rng.uniform(0.3, 2.0, dim)
+        values = {"mean": mean, "std": std, "min": mean - 3 * std, "max": mean + 3 * std,
+                  "q01": mean - 2 * std, "q99": mean + 2 * std}
+        for name in ("min", "max", "q01", "q99"):
+            values[name][1] = mean[1]  # a constant dimension: zero range
+        return {k: torch.tensor(v, dtype=torch.float32) for k, v in values.items()}
+
+    dataset_stats = {"observation.state": stats(STATE_DIM), "action": stats(ACTION_DIM)}
+    norm_map = {FeatureType.VISUAL: NormalizationMode.IDENTITY, FeatureType.STATE: NormalizationMode(state_mode),
+                FeatureType.ACTION: NormalizationMode(action_mode)}
+    inputs = {"observation.state": PolicyFeature(FeatureType.STATE, (STATE_DIM,))}
+    outputs = {"action": PolicyFeature(FeatureType.ACTION, (ACTION_DIM,))}
+    normalizer = NormalizerProcessorStep(features={**inputs, **outputs}, norm_map=norm_map, stats=dataset_stats)
+    unnormalizer = UnnormalizerProcessorStep(features=outputs, norm_map=norm_map, stats=dataset_stats)
+    PolicyProcessorPipeline(steps=[normalizer], name="policy_preprocessor").save_pretrained(tmp_path)
+    PolicyProcessorPipeline(steps=[unnormalizer], name="policy_postprocessor").save_pretrained(tmp_path)
+
+    ours = load_lerobot_norm_stats(tmp_path)
+    assert ours is not None and (ours.state_dim, ours.action_dim) == (STATE_DIM, ACTION_DIM)
+    state = (rng.normal(size=STATE_DIM) * 2).astype(np.float32)
+    expected = normalizer._apply_transform(torch.from_numpy(state), "observation.state", FeatureType.STATE)
+    np.testing.assert_allclose(ours.normalize_state(state), expected.numpy(), rtol=1e-5, atol=1e-5)
+    model_actions = rng.uniform(-1.2, 1.2, size=(HORIZON, 32)).astype(np.float32)
+    expected = unnormalizer._apply_transform(torch.from_numpy(model_actions[:, :ACTION_DIM]), "action",
+                                             FeatureType.ACTION, inverse=True)
+    np.testing.assert_allclose(ours.unnormalize_actions(model_actions), expected.numpy(), rtol=1e-5, atol=1e-5)
