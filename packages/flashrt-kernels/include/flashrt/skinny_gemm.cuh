@@ -41,11 +41,31 @@ constexpr int kWarps = 8;        // per block
 constexpr int kRowGroups = 4;    // 16-row MMA tiles of W per block -> 64 W rows per block
 constexpr int kKWarps = kWarps / kRowGroups;  // warps splitting k inside the block
 constexpr int kRows = 16 * kRowGroups;
-// A warp step ("chunk") is two 16-byte loads per W row: 64 bf16 or 128 E4M3 values of k.
+// A warp step ("chunk") is 128 bytes of k per W row (two 16-byte loads per thread and row):
+// 64 bf16 or 128 E4M3 values. The kernel works in bytes, so both dtypes share the code.
+constexpr int kChunkBytes = 128;
 template <bool FP8>
 constexpr int kChunkK = FP8 ? 128 : 64;
-constexpr int kUnroll = 2;       // chunks loaded before the first MMA of a round
+// X is staged in shared memory one "stage" of k at a time; every W load of a stage is issued
+// before the first MMA of that stage (bf16: up to 4 chunks a warp = 64 registers a thread). On
+// sm_90 the E4M3 MMA is emulated (E4M3 -> f16 unpacks + f16 MMAs), which costs registers: half
+// the stage there.
+template <bool FP8>
+constexpr int kStageChunks = FP8 ? 4 : 8;
+template <bool FP8>
+constexpr int kStageBytes = kStageChunks<FP8> * kChunkBytes;
+// X rows in shared memory: stride = stage bytes + 64, so the 8 rows x 4 16-byte columns one
+// quarter-warp reads fall into distinct banks.
+template <bool FP8>
+constexpr int kXStride = kStageBytes<FP8> + 64;
 constexpr int kMaxSplit = 16;
+
+template <int MT, bool FP8>
+constexpr int smem_bytes() {
+  constexpr int x = MT * 8 * kXStride<FP8>;
+  constexpr int tile = kRows * (MT * 8 + 1) * 4;
+  return x > tile ? x : tile;
+}
 
 // bf16: m16n8k16; E4M3: m16n8k32. In both, a 32-bit register holds the k-consecutive values a
 // thread owns, so 16 contiguous bytes feed two MMAs the same way (see the kernel).
@@ -79,39 +99,50 @@ __device__ __forceinline__ void grid_dependency_wait() {
 #endif
 }
 
-// X fragments: reused by every warp, so cached in L1. asm volatile keeps each load next to its MMA
-// (also volatile) instead of letting the compiler hoist a whole round of them into registers.
-__device__ __forceinline__ uint4 load_or_zero(const uint8_t* p, bool ok) {
+// Lets the next kernel of the stream (if launched with PDL) start its prologue: it still waits
+// for this grid's completion before touching anything this grid writes.
+__device__ __forceinline__ void allow_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// Streams W past the SM: no reuse, so keep it out of L1. Not volatile: the compiler may hoist a
+// whole stage of these ahead of the MMAs, which is the point.
+__device__ __forceinline__ uint4 load_stream_or_zero(const uint8_t* p, bool ok) {
   uint4 v = make_uint4(0, 0, 0, 0);
   if (ok) {
-    asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
   }
   return v;
 }
 
-// Streams W past the SM: no reuse, so keep it out of L1 (X, reused by every warp, stays there).
-__device__ __forceinline__ uint4 load_stream_or_zero(const uint8_t* p, bool ok) {
-  uint4 v = make_uint4(0, 0, 0, 0);
-  if (ok) {
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-  }
-  return v;
+__device__ __forceinline__ void cp_async_16_or_zero(void* smem, const void* gmem, bool ok) {
+  const uint32_t s = uint32_t(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(ok ? 16 : 0));
+}
+
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+__device__ __forceinline__ uint4 lds128(const uint8_t* p) {
+  return *reinterpret_cast<const uint4*>(p);
 }
 
 // Two blocks per SM keep enough weight bytes in flight; at MT = 8 that register cap (128) spills,
 // so the rare M > 56 case runs one block per SM instead.
 template <int MT, bool FP8>
 __global__ void __launch_bounds__(kWarps * 32, MT >= 8 ? 1 : 2) skinny_gemm_kernel(SkinnyGemmParams p) {
-  constexpr int kElem = FP8 ? 1 : 2;            // bytes per value
-  constexpr int kPer16B = 16 / kElem;           // values per 16-byte load
-  constexpr int kCK = kChunkK<FP8>;
+  constexpr int kElem = FP8 ? 1 : 2;    // bytes per value
   constexpr int kCols = MT * 8;         // padded X rows handled by this instantiation
-  constexpr int kLd = kCols + 1;        // smem row stride (odd: spreads the banks)
-  __shared__ float tile[kRows * kLd];
+  constexpr int kLd = kCols + 1;        // reduction tile row stride (odd: spreads the banks)
+  constexpr int kStage = kStageChunks<FP8>;
+  constexpr int kChunksPerWarp = kStage / kKWarps;
+  constexpr int kXStr = kXStride<FP8>;
+  extern __shared__ __align__(16) uint8_t smem[];
+  uint8_t* xs = smem;                               // [kCols][kXStr] bytes, one stage of X
+  float* tile = reinterpret_cast<float*>(smem);     // [kRows][kLd], after the main loop (aliases xs)
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, q = lane & 3;
@@ -125,73 +156,86 @@ __global__ void __launch_bounds__(kWarps * 32, MT >= 8 ? 1 : 2) skinny_gemm_kern
   split = int(cluster.num_blocks());
   rank = int(cluster.block_rank());
 #endif
-  const int n_chunks = (p.k + kCK - 1) / kCK;
+  const int k_bytes = p.k * kElem;
+  const int n_chunks = (k_bytes + kChunkBytes - 1) / kChunkBytes;
   const int per_split = (n_chunks + split - 1) / split;
   const int c_begin = rank * per_split;
   const int c_end = min(n_chunks, c_begin + per_split);
 
   const int row_lo = n0 + rg * 16 + g, row_hi = row_lo + 8;
   const uint8_t* w_bytes = static_cast<const uint8_t*>(p.w);
-  const uint8_t* w_lo = w_bytes + int64_t(min(row_lo, p.n - 1)) * p.k * kElem;
-  const uint8_t* w_hi = w_bytes + int64_t(min(row_hi, p.n - 1)) * p.k * kElem;
+  const uint8_t* w_lo = w_bytes + int64_t(min(row_lo, p.n - 1)) * k_bytes + q * 16;
+  const uint8_t* w_hi = w_bytes + int64_t(min(row_hi, p.n - 1)) * k_bytes + q * 16;
   const bool ok_lo = row_lo < p.n, ok_hi = row_hi < p.n;
-
-  // X row g of n-tile t is x_g + t * 8 * K (read only when that row exists).
-  const uint8_t* x_g = static_cast<const uint8_t*>(p.x) + int64_t(g) * p.k * kElem;
-  const int x_tile_stride = 8 * p.k * kElem;  // bytes
+  const uint8_t* x_bytes = static_cast<const uint8_t*>(p.x);
 
   float acc[MT][4];
 #pragma unroll
   for (int t = 0; t < MT; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f;
 
+  bool waited = false;
 #pragma unroll 1
-  for (int c0 = c_begin + kw; c0 < c_end; c0 += kKWarps * kUnroll) {
-    // Offsets inside a round are compile-time constants from one base per round, so the compiler
-    // keeps a handful of pointers instead of one per (chunk, half, n-tile) load.
-    const int k_base = c0 * kCK + q * kPer16B;  // in values
-    const uint8_t* w_lo_r = w_lo + int64_t(k_base) * kElem;
-    const uint8_t* w_hi_r = w_hi + int64_t(k_base) * kElem;
-    const uint8_t* x_r = x_g + int64_t(k_base) * kElem;
-    // Issue every W load of the round first: these are the bytes that must be in flight.
-    uint4 a[kUnroll][2][2];  // [chunk][half][row lo / hi]
+  for (int s0 = c_begin; s0 < c_end; s0 += kStage) {
+    const int s1 = min(c_end, s0 + kStage);
+    // 1. This warp's W bytes of the stage, all in flight at once (chunks s0 + kw + j * kKWarps).
+    uint4 a[kChunksPerWarp][2][2];  // [chunk][half][row lo / hi]
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int j = 0; j < kChunksPerWarp; ++j) {
+      const int c = s0 + kw + j * kKWarps;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int off = u * kKWarps * kCK + h * (kCK / 2);
-        const bool in = c0 + u * kKWarps < c_end && k_base + off < p.k;
-        a[u][h][0] = load_stream_or_zero(w_lo_r + off * kElem, in && ok_lo);
-        a[u][h][1] = load_stream_or_zero(w_hi_r + off * kElem, in && ok_hi);
+        const int off = c * kChunkBytes + h * 64;  // + q * 16 folded into the row pointers
+        const bool in = c < s1 && off + q * 16 < k_bytes;
+        a[j][h][0] = load_stream_or_zero(w_lo + off, in && ok_lo);
+        a[j][h][1] = load_stream_or_zero(w_hi + off, in && ok_hi);
       }
     }
-    // Weights are constant, so they may be read before the previous kernel in the stream is done
-    // (programmatic dependent launch); X / residual / Y only after this point.
-    grid_dependency_wait();  // returns at once after the first round
+    // 2. X of the stage into shared memory. Weights are constant, so they may be read before the
+    // previous kernel in the stream is done (programmatic dependent launch); X only after this.
+    if (!waited) {
+      grid_dependency_wait();
+      waited = true;
+    } else {
+      __syncthreads();  // every warp is done reading the previous stage
+    }
+    const int stage_bytes = (s1 - s0) * kChunkBytes;
+    const int granules = stage_bytes / 16;
+    for (int i = threadIdx.x; i < kCols * granules; i += kWarps * 32) {
+      const int r = i / granules, col = (i - r * granules) * 16;
+      const int kb = s0 * kChunkBytes + col;
+      const bool ok = r < p.m && kb < k_bytes;
+      cp_async_16_or_zero(xs + r * kXStr + col, ok ? x_bytes + int64_t(r) * k_bytes + kb : x_bytes, ok);
+    }
+    cp_async_wait_all();
+    __syncthreads();
+    // 3. MMAs. bf16: physical k (kk + 0..3) plays logical k (2q, 2q+1, 2q+8, 2q+9) of the first MMA
+    // and kk + 4..7 the same of the second. E4M3: kk + 0..7 plays (4q..4q+3, 16+4q..16+4q+3) of the
+    // first, kk + 8..15 of the second. A (W) and B (X) use the same map.
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int j = 0; j < kChunksPerWarp; ++j) {
+      const int c = s0 + kw + j * kKWarps;
+      if (c < s1) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int off = u * kKWarps * kCK + h * (kCK / 2);
-        const bool in = c0 + u * kKWarps < c_end && k_base + off < p.k;
+        for (int h = 0; h < 2; ++h) {
+          const uint8_t* xrow = xs + g * kXStr + (c - s0) * kChunkBytes + h * 64 + q * 16;
+          const uint4& lo = a[j][h][0];
+          const uint4& hi = a[j][h][1];
 #pragma unroll
-        for (int t = 0; t < MT; ++t) {
-          const int xr = t * 8 + g;
-          const uint4 b = load_or_zero(x_r + t * x_tile_stride + off * kElem, in && xr < p.m);
-          const uint4& lo = a[u][h][0];
-          const uint4& hi = a[u][h][1];
-          // bf16: physical k (kk + 0..3) plays logical k (2q, 2q+1, 2q+8, 2q+9) of the first MMA
-          // and kk + 4..7 the same of the second. E4M3: kk + 0..7 plays (4q..4q+3, 16+4q..16+4q+3)
-          // of the first, kk + 8..15 of the second. A and B use the same map.
-          mma_step<FP8>(acc[t], lo.x, hi.x, lo.y, hi.y, b.x, b.y);
-          mma_step<FP8>(acc[t], lo.z, hi.z, lo.w, hi.w, b.z, b.w);
+          for (int t = 0; t < MT; ++t) {
+            const uint4 b = lds128(xrow + t * 8 * kXStr);
+            mma_step<FP8>(acc[t], lo.x, hi.x, lo.y, hi.y, b.x, b.y);
+            mma_step<FP8>(acc[t], lo.z, hi.z, lo.w, hi.w, b.z, b.w);
+          }
         }
       }
     }
   }
+  if (!waited) grid_dependency_wait();  // (blocks without chunks) before any global write
+  allow_dependents();                   // every weight byte of this grid has been requested
 
-  grid_dependency_wait();  // (warps without chunks) before any global write
-
-  // Sum the k-warps of the block into the tile, in warp order (deterministic).
+  // Sum the k-warps of the block into the tile, in warp order (deterministic). The tile aliases
+  // the X stage: wait until every warp has finished its MMAs.
+  __syncthreads();
   for (int s = 0; s < kKWarps; ++s) {
     if (kw == s) {
 #pragma unroll
@@ -227,15 +271,25 @@ __global__ void __launch_bounds__(kWarps * 32, MT >= 8 ? 1 : 2) skinny_gemm_kern
     const int m = e / kRows, r = e - m * kRows;
     const int n = n0 + r;
     if (n >= p.n) continue;
+    const int idx = r * kLd + m;
     float v = 0.0f;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     if (split > 1) {
-      for (int s = 0; s < split; ++s) v += cluster.map_shared_rank(tile, s)[r * kLd + m];
+      // All remote reads first (independent, in flight together), then the sum in rank order.
+      // Eight at a time keeps the register count under the two-blocks-per-SM cap.
+#pragma unroll 1
+      for (int s0 = 0; s0 < split; s0 += 8) {
+        float part[8];
+#pragma unroll
+        for (int s = 0; s < 8; ++s) part[s] = s0 + s < split ? cluster.map_shared_rank(tile, s0 + s)[idx] : 0.0f;
+#pragma unroll
+        for (int s = 0; s < 8; ++s) v += part[s];
+      }
     } else {
-      v = tile[r * kLd + m];
+      v = tile[idx];
     }
 #else
-    v = tile[r * kLd + m];
+    v = tile[idx];
 #endif
     v *= alpha;
     if (p.bias) v += __bfloat162float(p.bias[n]);
@@ -269,7 +323,8 @@ inline cudaError_t skinny_gemm_launch_mt(const SkinnyGemmParams& p, int split, b
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(unsigned(ceil_div(p.n, skinny::kRows)), unsigned(split), 1);
   cfg.blockDim = dim3(skinny::kWarps * 32, 1, 1);
-  cfg.dynamicSmemBytes = 0;
+  constexpr int kSmem = skinny::smem_bytes<MT, FP8>();
+  cfg.dynamicSmemBytes = kSmem;
   cfg.stream = stream;
   cudaLaunchAttribute attr[2];
   int n_attr = 0;
@@ -287,7 +342,13 @@ inline cudaError_t skinny_gemm_launch_mt(const SkinnyGemmParams& p, int split, b
   }
   cfg.attrs = attr;
   cfg.numAttrs = n_attr;
-  static bool non_portable_set = false;  // a function attribute: set once, not on every launch
+  static bool smem_set = false;  // function attributes: set once, not on every launch
+  if (kSmem > 48 * 1024 && !smem_set) {
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    if (err != cudaSuccess) return err;
+    smem_set = true;
+  }
+  static bool non_portable_set = false;
   if (split > 8 && !non_portable_set) {
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
     if (err != cudaSuccess) return err;
@@ -323,9 +384,13 @@ inline cudaError_t skinny_device_info(SkinnyDeviceInfo* info) {
     if (d.clusters) {
       // Largest cluster split the device accepts for this kernel (16 needs the non-portable opt-in).
       d.max_cluster = 8;
+      // Probed with the largest variant (one block per SM, the most shared memory).
       auto kernel = skinny::skinny_gemm_kernel<8, false>;
-      if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess) {
+      constexpr int kSmem = skinny::smem_bytes<8, false>();
+      if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess &&
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem) == cudaSuccess) {
         cudaLaunchConfig_t cfg = {};
+        cfg.dynamicSmemBytes = kSmem;
         cfg.gridDim = dim3(1, 16, 1);
         cfg.blockDim = dim3(skinny::kWarps * 32, 1, 1);
         cudaLaunchAttribute attr[1];
