@@ -9,6 +9,7 @@ first ``run``. ``FVK_RTX_FA2=0`` uses the ``flash-attn`` wheel instead (needs to
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import warnings
 
@@ -112,7 +113,7 @@ class RtxFlashAttnBackend(AttentionBackendBase):
     def _kernels(self):
         if self._fa2 is None:
             try:
-                from flash_rt import flash_rt_fa2  # noqa: PLC0415
+                flash_rt_fa2 = importlib.import_module("flash_rt.flash_rt_fa2")
             except ImportError as exc:
                 raise HardwareError(
                     f"{type(self).__name__} needs flash_rt.flash_rt_fa2 from the flashrt-kernels package, which "

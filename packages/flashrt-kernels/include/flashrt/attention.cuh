@@ -1,0 +1,419 @@
+// Attention forward (no dropout), bf16 / fp16 in and out, softmax in fp32, on mma.sync tensor cores.
+//   O[b, i, h] = softmax_j(scale * Q[b, i, h] . K[b, j, h / G]) V[b, j, h / G],  G = Hq / Hkv
+// masked where mask[b, i, j] == 0 (a key-padding mask is the same with a zero row stride) or j >= Sk.
+// Rows whose every key is masked get O = 0 and lse = -inf.
+//
+// Layout: the last dimension is contiguous; batch / row / head strides are in elements (as in the
+// FA2-style interface). The G query heads that share a KV head are packed into the rows of one
+// tile (row r -> query r / G, head r % G), so MQA with few queries still fills tiles and K/V tiles
+// are shared by all of them.
+//
+// Split-KV: with num_splits > 1 each split handles a contiguous key range and writes an fp32
+// partial O and its log-sum-exp; a second kernel combines them (decode-style: few query tiles).
+//
+// Pipeline per key tile j (one K and one V buffer): V_j loads while S = Q K_j^T and the softmax run;
+// K_{j+1} loads while O += P V_j runs.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "flashrt/common.cuh"
+
+namespace flashrt {
+
+struct AttnParams {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* o = nullptr;
+  int64_t q_sb = 0, q_sr = 0, q_sh = 0;
+  int64_t k_sb = 0, k_sr = 0, k_sh = 0;
+  int64_t v_sb = 0, v_sr = 0, v_sh = 0;
+  int64_t o_sb = 0, o_sr = 0, o_sh = 0;
+  int batch = 0, seqlen_q = 0, seqlen_k = 0, heads_q = 0, heads_kv = 0;
+  float scale = 1.0f;
+  const uint8_t* mask = nullptr;  // attend where != 0; null: every key < seqlen_k
+  int64_t mask_sb = 0, mask_sr = 0;
+  float* lse = nullptr;        // [B, Hq, Sq] or null (natural log of the scaled logits' sum-exp)
+  float* lse_accum = nullptr;  // [splits, B, Hq, Sq]
+  float* o_accum = nullptr;    // [splits, B, Hq, Sq, D]
+  int num_splits = 1;
+  int keys_per_split = 0;
+};
+
+constexpr int kAttnMaxSplits = 16;
+constexpr int kAttnBlockM = 64;
+constexpr int kAttnThreads = 128;
+
+namespace attn {
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm_x2_t(uint32_t (&r)[2], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(smem_addr(p)));
+}
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float a, float b) {
+  uint32_t r;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    r = *reinterpret_cast<uint32_t*>(&h);
+  } else {
+    __half2 h = __floats2half2_rn(a, b);
+    r = *reinterpret_cast<uint32_t*>(&h);
+  }
+  return r;
+}
+
+template <int D>
+struct Shape {
+  static constexpr int kDp = (D + 15) / 16 * 16;  // QK^T reduction width (zero-padded in smem)
+  static constexpr int kLd = kDp + 8;             // smem row stride: odd multiple of 16 bytes
+  static constexpr int kDt = D / 8;               // n-tiles of O
+  static constexpr int kChunks = D / 8;           // 16-byte chunks per row
+  static constexpr int kBlockN = D > 128 ? 32 : 64;
+  template <typename T>
+  static constexpr size_t smem_bytes() {
+    return size_t(kAttnBlockM + 2 * kBlockN) * kLd * sizeof(T);
+  }
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kAttnThreads) attn_fwd_kernel(AttnParams p) {
+  pdl_wait();
+  using S = Shape<D>;
+  constexpr int BM = kAttnBlockM, BN = S::kBlockN, LD = S::kLd, DP = S::kDp;
+  constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + BM * LD;
+  T* sV = sK + BN * LD;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, q4 = lane & 3;
+  const int group = p.heads_q / p.heads_kv;
+  const int rows_total = p.seqlen_q * group;
+  const int row0 = blockIdx.x * BM;
+  const int b = blockIdx.y / p.heads_kv, kvh = blockIdx.y % p.heads_kv;
+  const int split = blockIdx.z;
+  const int k_begin = split * p.keys_per_split;
+  const int k_end = min(p.seqlen_k, k_begin + p.keys_per_split);
+  const int n_tiles = k_end > k_begin ? (k_end - k_begin + BN - 1) / BN : 0;
+
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k) + b * p.k_sb + kvh * p.k_sh;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_sb + kvh * p.v_sh;
+
+  if constexpr (DP > D) {  // zero the reduction padding once; cp.async never writes it
+    for (int i = tid; i < (BM + 2 * BN) * (DP - D); i += kAttnThreads)
+      sQ[(i / (DP - D)) * LD + D + i % (DP - D)] = T(0.0f);
+  }
+
+  for (int i = tid; i < BM * S::kChunks; i += kAttnThreads) {
+    const int r = i / S::kChunks, ch = i % S::kChunks;
+    const int pr = row0 + r;
+    const bool ok = pr < rows_total;
+    const int qi = ok ? pr / group : 0, h = kvh * group + (ok ? pr % group : 0);
+    cp_async_16(sQ + r * LD + ch * 8, q + b * p.q_sb + qi * p.q_sr + h * p.q_sh + ch * 8, ok);
+  }
+  auto load_kv = [&](T* dst, const T* src, int64_t row_stride, int key0) {
+    for (int i = tid; i < BN * S::kChunks; i += kAttnThreads) {
+      const int r = i / S::kChunks, ch = i % S::kChunks;
+      const bool ok = key0 + r < k_end;
+      cp_async_16(dst + r * LD + ch * 8, src + (ok ? key0 + r : 0) * row_stride + ch * 8, ok);
+    }
+  };
+  if (n_tiles > 0) load_kv(sK, k, p.k_sr, k_begin);
+  cp_async_commit();
+
+  // This thread's two rows (g and g + 8 of the warp's 16) and their mask rows.
+  const int wrow = warp * 16;
+  const int pr_lo = row0 + wrow + g, pr_hi = pr_lo + 8;
+  const uint8_t* mrow[2] = {nullptr, nullptr};
+  if (p.mask) {
+    mrow[0] = p.mask + b * p.mask_sb + int64_t(min(pr_lo, rows_total - 1) / group) * p.mask_sr;
+    mrow[1] = p.mask + b * p.mask_sb + int64_t(min(pr_hi, rows_total - 1) / group) * p.mask_sr;
+  }
+
+  float acc_o[S::kDt][4];
+#pragma unroll
+  for (int t = 0; t < S::kDt; ++t) acc_o[t][0] = acc_o[t][1] = acc_o[t][2] = acc_o[t][3] = 0.0f;
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.0f, 0.0f};
+  const float scale_log2 = p.scale * kLog2e;
+
+  for (int j = 0; j < n_tiles; ++j) {
+    const int key0 = k_begin + j * BN;
+    cp_async_wait_all();
+    __syncthreads();  // K_j (and Q) landed; every warp is done with V_{j-1}
+    load_kv(sV, v, p.v_sr, key0);
+    cp_async_commit();
+
+    float s[BN / 8][4];
+#pragma unroll
+    for (int t = 0; t < BN / 8; ++t) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.0f;
+#pragma unroll
+    for (int ks = 0; ks < DP / 16; ++ks) {
+      uint32_t a[4];
+      ldsm_x4(a, sQ + (wrow + (lane & 15)) * LD + ks * 16 + (lane >> 4) * 8);
+#pragma unroll
+      for (int np = 0; np < BN / 16; ++np) {
+        uint32_t bk[4];
+        ldsm_x4(bk, sK + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * LD + ks * 16 + ((lane >> 3) & 1) * 8);
+        mma16816<T>(s[2 * np], a, bk[0], bk[1]);
+        mma16816<T>(s[2 * np + 1], a, bk[2], bk[3]);
+      }
+    }
+
+    // Scale into the log2 domain and mask.
+    const bool full = key0 + BN <= k_end && p.mask == nullptr;
+#pragma unroll
+    for (int t = 0; t < BN / 8; ++t) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float x = s[t][e] * scale_log2;
+        if (!full) {
+          const int key = key0 + t * 8 + 2 * q4 + (e & 1);
+          bool ok = key < k_end;
+          if (ok && p.mask) ok = mrow[e >> 1][key] != 0;
+          if (!ok) x = -INFINITY;
+        }
+        s[t][e] = x;
+      }
+    }
+
+    // Online softmax, rows g (e = 0, 1) and g + 8 (e = 2, 3); a row lives in one quad of lanes.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = m_run[r];
+#pragma unroll
+      for (int t = 0; t < BN / 8; ++t) mx = fmaxf(mx, fmaxf(s[t][2 * r], s[t][2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float base = mx == -INFINITY ? 0.0f : mx;  // all masked so far: keep exp2 finite
+      const float corr = exp2f(m_run[r] - base);
+      m_run[r] = mx;
+      float sum = 0.0f;
+#pragma unroll
+      for (int t = 0; t < BN / 8; ++t) {
+        s[t][2 * r] = exp2f(s[t][2 * r] - base);
+        s[t][2 * r + 1] = exp2f(s[t][2 * r + 1] - base);
+        sum += s[t][2 * r] + s[t][2 * r + 1];
+      }
+      l_run[r] = l_run[r] * corr + sum;
+#pragma unroll
+      for (int t = 0; t < S::kDt; ++t) {
+        acc_o[t][2 * r] *= corr;
+        acc_o[t][2 * r + 1] *= corr;
+      }
+    }
+
+    cp_async_wait_all();
+    __syncthreads();  // V_j landed; every warp is done with K_j
+    if (j + 1 < n_tiles) load_kv(sK, k, p.k_sr, key0 + BN);
+    cp_async_commit();
+
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      // The S accumulators of n-tiles 2kk, 2kk+1 are exactly the A fragment of P for keys 16kk..+15.
+      const uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                              pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                              pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      const T* vrow = sV + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD;
+#pragma unroll
+      for (int dp = 0; dp < S::kDt / 2; ++dp) {
+        uint32_t bv[4];
+        ldsm_x4_t(bv, vrow + dp * 16 + (lane >> 4) * 8);
+        mma16816<T>(acc_o[2 * dp], pa, bv[0], bv[1]);
+        mma16816<T>(acc_o[2 * dp + 1], pa, bv[2], bv[3]);
+      }
+      if constexpr (S::kDt % 2 == 1) {
+        uint32_t bv[2];
+        ldsm_x2_t(bv, vrow + (S::kDt - 1) * 8);
+        mma16816<T>(acc_o[S::kDt - 1], pa, bv[0], bv[1]);
+      }
+    }
+  }
+  cp_async_wait_all();
+
+  // Finish: quad-sum l, normalise, store (O directly, or the split's fp32 partial).
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = l_run[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const int pr = r == 0 ? pr_lo : pr_hi;
+    if (pr >= rows_total) continue;
+    const int qi = pr / group, h = kvh * group + pr % group;
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    const float lse = l > 0.0f ? (m_run[r] + log2f(l)) * kLn2 : -INFINITY;
+    const int64_t lse_idx = (int64_t(b) * p.heads_q + h) * p.seqlen_q + qi;
+    if (p.num_splits > 1) {
+      const int64_t rows_all = int64_t(p.batch) * p.heads_q * p.seqlen_q;
+      float* dst = p.o_accum + (int64_t(split) * rows_all + lse_idx) * D;
+#pragma unroll
+      for (int t = 0; t < S::kDt; ++t)
+        *reinterpret_cast<float2*>(dst + t * 8 + 2 * q4) =
+            make_float2(acc_o[t][2 * r] * inv, acc_o[t][2 * r + 1] * inv);
+      if (q4 == 0) p.lse_accum[int64_t(split) * rows_all + lse_idx] = lse;
+    } else {
+      T* dst = static_cast<T*>(p.o) + b * p.o_sb + qi * p.o_sr + h * p.o_sh;
+#pragma unroll
+      for (int t = 0; t < S::kDt; ++t)
+        *reinterpret_cast<uint32_t*>(dst + t * 8 + 2 * q4) = pack2<T>(acc_o[t][2 * r] * inv, acc_o[t][2 * r + 1] * inv);
+      if (p.lse && q4 == 0) p.lse[lse_idx] = lse;
+    }
+  }
+}
+
+// One warp per (b, h, query) row: weights exp(lse_s - lse) over the splits.
+template <typename T>
+__global__ void attn_combine_kernel(AttnParams p, int head_dim) {
+  pdl_wait();
+  const int64_t rows_all = int64_t(p.batch) * p.heads_q * p.seqlen_q;
+  const int64_t row = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x & 31;
+  if (row >= rows_all) return;
+  const int qi = int(row % p.seqlen_q);
+  const int h = int((row / p.seqlen_q) % p.heads_q);
+  const int b = int(row / (int64_t(p.seqlen_q) * p.heads_q));
+  float lmax = -INFINITY;
+  for (int s = 0; s < p.num_splits; ++s) lmax = fmaxf(lmax, p.lse_accum[s * rows_all + row]);
+  float lse = -INFINITY;
+  if (lmax != -INFINITY) {
+    float sum = 0.0f;
+    for (int s = 0; s < p.num_splits; ++s) sum += expf(p.lse_accum[s * rows_all + row] - lmax);
+    lse = lmax + logf(sum);
+  }
+  T* dst = static_cast<T*>(p.o) + b * p.o_sb + qi * p.o_sr + h * p.o_sh;
+  for (int d = lane; d < head_dim; d += 32) {
+    float acc = 0.0f;
+    if (lse != -INFINITY) {
+      for (int s = 0; s < p.num_splits; ++s) {
+        const float w = expf(p.lse_accum[s * rows_all + row] - lse);
+        if (w > 0.0f) acc += w * p.o_accum[(s * rows_all + row) * head_dim + d];
+      }
+    }
+    dst[d] = T(acc);
+  }
+  if (p.lse && lane == 0) p.lse[row] = lse;
+}
+
+}  // namespace attn
+
+// Splits that bring the grid closest to whole waves over the SMs, preferring fewer: each split
+// costs an fp32 partial round trip through memory, so a grid that already covers half the SMs
+// (a prefix: ~100 blocks of 64 rows) is left alone; decode-style grids (a few row tiles) split.
+inline int attention_num_splits(int batch, int seqlen_q, int seqlen_k, int heads_q, int heads_kv, int head_dim,
+                                int num_sms) {
+  if (num_sms <= 0 || seqlen_k <= 0 || heads_kv <= 0) return 1;
+  const int block_n = head_dim > 128 ? 32 : 64;
+  const int64_t blocks =
+      ceil_div(int64_t(seqlen_q) * (heads_q / heads_kv), kAttnBlockM) * int64_t(batch) * heads_kv;
+  if (2 * blocks >= num_sms) return 1;
+  const int key_tiles = int(ceil_div(seqlen_k, block_n));
+  const int max_splits = std::min<int>(kAttnMaxSplits, std::max(1, key_tiles / 2));
+  double best_eff = 0.0;
+  std::vector<double> eff(max_splits + 1, 0.0);
+  for (int s = 1; s <= max_splits; ++s) {
+    const int64_t n = blocks * s;
+    eff[s] = double(n) / double(ceil_div(n, num_sms) * num_sms);
+    best_eff = std::max(best_eff, eff[s]);
+  }
+  for (int s = 1; s <= max_splits; ++s)
+    if (eff[s] >= 0.85 * best_eff) return s;
+  return 1;
+}
+
+template <typename T, int D>
+inline cudaError_t attention_launch_d(AttnParams p, cudaStream_t stream) {
+  using S = attn::Shape<D>;
+  auto kernel = attn::attn_fwd_kernel<T, D>;
+  const size_t smem = S::template smem_bytes<T>();
+  static int smem_set_for_device = -1;  // the attribute is per device; set it once (not per launch)
+  if (smem > 48 * 1024) {
+    int dev = 0;
+    cudaError_t err = cudaGetDevice(&dev);
+    if (err != cudaSuccess) return err;
+    if (smem_set_for_device != dev) {
+      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+      if (err != cudaSuccess) return err;
+      smem_set_for_device = dev;
+    }
+  }
+  const int splits = std::max(1, std::min(p.num_splits, kAttnMaxSplits));
+  const int per = int(ceil_div(ceil_div(p.seqlen_k, splits), S::kBlockN) * S::kBlockN);
+  p.keys_per_split = std::max(per, S::kBlockN);
+  p.num_splits = std::max(1, int(ceil_div(p.seqlen_k, p.keys_per_split)));
+  if (p.num_splits > 1 && (!p.lse_accum || !p.o_accum)) return cudaErrorInvalidValue;
+  const int64_t rows_total = int64_t(p.seqlen_q) * (p.heads_q / p.heads_kv);
+  const dim3 grid(unsigned(ceil_div(rows_total, kAttnBlockM)), unsigned(p.batch * p.heads_kv),
+                  unsigned(p.num_splits));
+  cudaError_t err = launch_kernel(kernel, grid, dim3(kAttnThreads), smem, stream, p);
+  if (err != cudaSuccess || p.num_splits == 1) return err;
+  const int64_t rows_all = int64_t(p.batch) * p.heads_q * p.seqlen_q;
+  return launch_kernel(attn::attn_combine_kernel<T>, dim3(unsigned(ceil_div(rows_all, 4))), dim3(128), 0, stream, p,
+                       int(D));
+}
+
+// head_dim in {16, 32, 48, 64, 72, 96, 128, 256}; p.num_splits as requested (1 = no split).
+template <typename T>
+inline cudaError_t attention_launch(const AttnParams& p, int head_dim, cudaStream_t stream) {
+  if (p.batch <= 0 || p.seqlen_q <= 0) return cudaSuccess;
+  if (p.heads_q <= 0 || p.heads_kv <= 0 || p.heads_q % p.heads_kv != 0 || p.seqlen_k < 0)
+    return cudaErrorInvalidValue;
+  switch (head_dim) {
+    case 16: return attention_launch_d<T, 16>(p, stream);
+    case 32: return attention_launch_d<T, 32>(p, stream);
+    case 48: return attention_launch_d<T, 48>(p, stream);
+    case 64: return attention_launch_d<T, 64>(p, stream);
+    case 72: return attention_launch_d<T, 72>(p, stream);
+    case 96: return attention_launch_d<T, 96>(p, stream);
+    case 128: return attention_launch_d<T, 128>(p, stream);
+    case 256: return attention_launch_d<T, 256>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace flashrt

@@ -1,0 +1,443 @@
+// Skinny GEMM for M <= 64:  Y[M, N] = alpha * X[M, K] @ W[N, K]^T (+ bias[N]) (+ residual[M, N]), bf16 out.
+// X and W bf16, or both E4M3 with per-tensor scales (W8A8, sm_89+: half the weight bytes).
+//
+// With 50 rows of X the weight is read once and used 50 times: the kernel is a weight stream, and
+// the goal is HBM speed. Why it is built the way it is:
+// - Tensor cores with the roles swapped: W rows are the MMA's M side (m16n8k16), X rows its N side,
+//   so 50 rows pad to 56/64 instead of 64/128.
+// - K is a reduction, so any permutation of k applied to both operands is free: each thread loads
+//   16 contiguous bytes of W (and of X) and feeds them straight into its fragment registers, no
+//   shared memory staging and no shuffles. A warp's two loads per row cover 128 contiguous bytes.
+// - Split-K inside the block (warps interleave 64-wide k chunks) and across a thread-block cluster
+//   (sm_90: the partial tiles are summed through distributed shared memory, in a fixed order, so
+//   the result is deterministic and needs no workspace). Before sm_90 the cluster split is 1.
+#pragma once
+
+#include <cooperative_groups.h>
+
+#include <algorithm>
+
+#include "flashrt/common.cuh"
+
+namespace flashrt {
+
+struct SkinnyGemmParams {
+  const void* x = nullptr;                  // [M, K] bf16, or E4M3 when fp8
+  const void* w = nullptr;                  // [N, K] bf16, or E4M3 when fp8
+  __nv_bfloat16* y = nullptr;               // [M, N]
+  const __nv_bfloat16* bias = nullptr;      // [N] or null
+  const __nv_bfloat16* residual = nullptr;  // [M, N] or null (may equal y)
+  const float* x_scale = nullptr;           // fp8: device scalars (null = 1)
+  const float* w_scale = nullptr;
+  float alpha = 1.0f;
+  int m = 0, n = 0, k = 0;
+  bool fp8 = false;                         // W8A8 E4M3 (sm_89+): half the weight bytes
+  bool pdl = true;                          // sm_90: stream the weights while the previous kernel ends
+};
+
+namespace skinny {
+
+constexpr int kWarps = 8;        // per block
+constexpr int kRowGroups = 4;    // 16-row MMA tiles of W per block -> 64 W rows per block
+constexpr int kKWarps = kWarps / kRowGroups;  // warps splitting k inside the block
+constexpr int kRows = 16 * kRowGroups;
+// A warp step ("chunk") is 128 bytes of k per W row (two 16-byte loads per thread and row):
+// 64 bf16 or 128 E4M3 values. The kernel works in bytes, so both dtypes share the code.
+constexpr int kChunkBytes = 128;
+template <bool FP8>
+constexpr int kChunkK = FP8 ? 128 : 64;
+// X is staged in shared memory one "stage" of k at a time; every W load of a stage is issued
+// before the first MMA of that stage (bf16: up to 4 chunks a warp = 64 registers a thread). On
+// sm_90 the E4M3 MMA is emulated (E4M3 -> f16 unpacks + f16 MMAs), which costs registers: half
+// the stage there.
+template <bool FP8>
+constexpr int kStageChunks = FP8 ? 4 : 8;
+template <bool FP8>
+constexpr int kStageBytes = kStageChunks<FP8> * kChunkBytes;
+// X rows in shared memory: stride = stage bytes + 64, so the 8 rows x 4 16-byte columns one
+// quarter-warp reads fall into distinct banks.
+template <bool FP8>
+constexpr int kXStride = kStageBytes<FP8> + 64;
+constexpr int kMaxSplit = 16;
+
+template <int MT, bool FP8>
+constexpr int smem_bytes() {
+  constexpr int x = MT * 8 * kXStride<FP8>;
+  constexpr int tile = kRows * (MT * 8 + 1) * 4;
+  return x > tile ? x : tile;
+}
+
+// bf16: m16n8k16; E4M3: m16n8k32. In both, a 32-bit register holds the k-consecutive values a
+// thread owns, so 16 contiguous bytes feed two MMAs the same way (see the kernel).
+template <bool FP8>
+__device__ __forceinline__ void mma_step(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+  if constexpr (FP8) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+    __trap();  // the launcher refuses FP8 below sm_89
+#endif
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+}
+
+// Programmatic dependent launch (sm_90): wait until the preceding kernel of the stream has
+// completed and its writes are visible. A no-op when the kernel was launched without PDL.
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+// Lets the next kernel of the stream (if launched with PDL) start its prologue: it still waits
+// for this grid's completion before touching anything this grid writes.
+__device__ __forceinline__ void allow_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// Streams W past the SM: no reuse, so keep it out of L1. Not volatile: the compiler may hoist a
+// whole stage of these ahead of the MMAs, which is the point.
+__device__ __forceinline__ uint4 load_stream_or_zero(const uint8_t* p, bool ok) {
+  uint4 v = make_uint4(0, 0, 0, 0);
+  if (ok) {
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
+  }
+  return v;
+}
+
+__device__ __forceinline__ void cp_async_16_or_zero(void* smem, const void* gmem, bool ok) {
+  const uint32_t s = uint32_t(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(ok ? 16 : 0));
+}
+
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+__device__ __forceinline__ uint4 lds128(const uint8_t* p) {
+  return *reinterpret_cast<const uint4*>(p);
+}
+
+// Two blocks per SM keep enough weight bytes in flight; at MT = 8 that register cap (128) spills,
+// so the rare M > 56 case runs one block per SM instead.
+template <int MT, bool FP8>
+__global__ void __launch_bounds__(kWarps * 32, MT >= 8 ? 1 : 2) skinny_gemm_kernel(SkinnyGemmParams p) {
+  constexpr int kElem = FP8 ? 1 : 2;    // bytes per value
+  constexpr int kCols = MT * 8;         // padded X rows handled by this instantiation
+  constexpr int kLd = kCols + 1;        // reduction tile row stride (odd: spreads the banks)
+  constexpr int kStage = kStageChunks<FP8>;
+  constexpr int kChunksPerWarp = kStage / kKWarps;
+  constexpr int kXStr = kXStride<FP8>;
+  extern __shared__ __align__(16) uint8_t smem[];
+  uint8_t* xs = smem;                               // [kCols][kXStr] bytes, one stage of X
+  float* tile = reinterpret_cast<float*>(smem);     // [kRows][kLd], after the main loop (aliases xs)
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, q = lane & 3;
+  const int rg = warp % kRowGroups, kw = warp / kRowGroups;
+  const int n0 = blockIdx.x * kRows;
+
+  int split = 1, rank = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  split = int(cluster.num_blocks());
+  rank = int(cluster.block_rank());
+#endif
+  const int k_bytes = p.k * kElem;
+  const int n_chunks = (k_bytes + kChunkBytes - 1) / kChunkBytes;
+  const int per_split = (n_chunks + split - 1) / split;
+  const int c_begin = rank * per_split;
+  const int c_end = min(n_chunks, c_begin + per_split);
+
+  const int row_lo = n0 + rg * 16 + g, row_hi = row_lo + 8;
+  const uint8_t* w_bytes = static_cast<const uint8_t*>(p.w);
+  const uint8_t* w_lo = w_bytes + int64_t(min(row_lo, p.n - 1)) * k_bytes + q * 16;
+  const uint8_t* w_hi = w_bytes + int64_t(min(row_hi, p.n - 1)) * k_bytes + q * 16;
+  const bool ok_lo = row_lo < p.n, ok_hi = row_hi < p.n;
+  const uint8_t* x_bytes = static_cast<const uint8_t*>(p.x);
+
+  float acc[MT][4];
+#pragma unroll
+  for (int t = 0; t < MT; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f;
+
+  bool waited = false;
+#pragma unroll 1
+  for (int s0 = c_begin; s0 < c_end; s0 += kStage) {
+    const int s1 = min(c_end, s0 + kStage);
+    // 1. This warp's W bytes of the stage, all in flight at once (chunks s0 + kw + j * kKWarps).
+    uint4 a[kChunksPerWarp][2][2];  // [chunk][half][row lo / hi]
+#pragma unroll
+    for (int j = 0; j < kChunksPerWarp; ++j) {
+      const int c = s0 + kw + j * kKWarps;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int off = c * kChunkBytes + h * 64;  // + q * 16 folded into the row pointers
+        const bool in = c < s1 && off + q * 16 < k_bytes;
+        a[j][h][0] = load_stream_or_zero(w_lo + off, in && ok_lo);
+        a[j][h][1] = load_stream_or_zero(w_hi + off, in && ok_hi);
+      }
+    }
+    // 2. X of the stage into shared memory. Weights are constant, so they may be read before the
+    // previous kernel in the stream is done (programmatic dependent launch); X only after this.
+    if (!waited) {
+      grid_dependency_wait();
+      waited = true;
+    } else {
+      __syncthreads();  // every warp is done reading the previous stage
+    }
+    const int stage_bytes = (s1 - s0) * kChunkBytes;
+    const int granules = stage_bytes / 16;
+    for (int i = threadIdx.x; i < kCols * granules; i += kWarps * 32) {
+      const int r = i / granules, col = (i - r * granules) * 16;
+      const int kb = s0 * kChunkBytes + col;
+      const bool ok = r < p.m && kb < k_bytes;
+      cp_async_16_or_zero(xs + r * kXStr + col, ok ? x_bytes + int64_t(r) * k_bytes + kb : x_bytes, ok);
+    }
+    cp_async_wait_all();
+    __syncthreads();
+    // 3. MMAs. bf16: physical k (kk + 0..3) plays logical k (2q, 2q+1, 2q+8, 2q+9) of the first MMA
+    // and kk + 4..7 the same of the second. E4M3: kk + 0..7 plays (4q..4q+3, 16+4q..16+4q+3) of the
+    // first, kk + 8..15 of the second. A (W) and B (X) use the same map.
+#pragma unroll
+    for (int j = 0; j < kChunksPerWarp; ++j) {
+      const int c = s0 + kw + j * kKWarps;
+      if (c < s1) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint8_t* xrow = xs + g * kXStr + (c - s0) * kChunkBytes + h * 64 + q * 16;
+          const uint4& lo = a[j][h][0];
+          const uint4& hi = a[j][h][1];
+#pragma unroll
+          for (int t = 0; t < MT; ++t) {
+            const uint4 b = lds128(xrow + t * 8 * kXStr);
+            mma_step<FP8>(acc[t], lo.x, hi.x, lo.y, hi.y, b.x, b.y);
+            mma_step<FP8>(acc[t], lo.z, hi.z, lo.w, hi.w, b.z, b.w);
+          }
+        }
+      }
+    }
+  }
+  if (!waited) grid_dependency_wait();  // (blocks without chunks) before any global write
+  allow_dependents();                   // every weight byte of this grid has been requested
+
+  // Sum the k-warps of the block into the tile, in warp order (deterministic). The tile aliases
+  // the X stage: wait until every warp has finished its MMAs.
+  __syncthreads();
+  for (int s = 0; s < kKWarps; ++s) {
+    if (kw == s) {
+#pragma unroll
+      for (int t = 0; t < MT; ++t) {
+        float* r_lo = tile + (rg * 16 + g) * kLd + t * 8 + 2 * q;
+        float* r_hi = r_lo + 8 * kLd;
+        if (s == 0) {
+          r_lo[0] = acc[t][0]; r_lo[1] = acc[t][1]; r_hi[0] = acc[t][2]; r_hi[1] = acc[t][3];
+        } else {
+          r_lo[0] += acc[t][0]; r_lo[1] += acc[t][1]; r_hi[0] += acc[t][2]; r_hi[1] += acc[t][3];
+        }
+      }
+    }
+    __syncthreads();
+  }
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (split > 1) cluster.sync();  // every block's tile is complete and visible cluster-wide
+#endif
+
+  float alpha = p.alpha;
+  if (FP8) {
+    if (p.x_scale) alpha *= __ldg(p.x_scale);
+    if (p.w_scale) alpha *= __ldg(p.w_scale);
+  }
+
+  // Each rank finishes a slice of the tile: sum over ranks in rank order, epilogue, store.
+  // Element e -> (x row m, W row r), r fastest so stores along N coalesce.
+  const int n_elems = p.m * kRows;
+  const int per_rank = (n_elems + split - 1) / split;
+  const int e_end = min(n_elems, (rank + 1) * per_rank);
+  for (int e = rank * per_rank + threadIdx.x; e < e_end; e += blockDim.x) {
+    const int m = e / kRows, r = e - m * kRows;
+    const int n = n0 + r;
+    if (n >= p.n) continue;
+    const int idx = r * kLd + m;
+    float v = 0.0f;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (split > 1) {
+      // All remote reads first (independent, in flight together), then the sum in rank order.
+      // Eight at a time keeps the register count under the two-blocks-per-SM cap.
+#pragma unroll 1
+      for (int s0 = 0; s0 < split; s0 += 8) {
+        float part[8];
+#pragma unroll
+        for (int s = 0; s < 8; ++s) part[s] = s0 + s < split ? cluster.map_shared_rank(tile, s0 + s)[idx] : 0.0f;
+#pragma unroll
+        for (int s = 0; s < 8; ++s) v += part[s];
+      }
+    } else {
+      v = tile[idx];
+    }
+#else
+    v = tile[idx];
+#endif
+    v *= alpha;
+    if (p.bias) v += __bfloat162float(p.bias[n]);
+    const int64_t o = int64_t(m) * p.n + n;
+    if (p.residual) v += __bfloat162float(p.residual[o]);
+    p.y[o] = __float2bfloat16_rn(v);
+  }
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (split > 1) cluster.sync();  // keep this block's tile alive until every rank has read it
+#endif
+}
+
+}  // namespace skinny
+
+// Cluster split along K: as many blocks as fill the GPU twice, at least one chunk per warp.
+inline int skinny_gemm_split(int n, int k, bool fp8, int num_sms, bool clusters_ok) {
+  if (!clusters_ok) return 1;
+  const int row_blocks = int(ceil_div(n, skinny::kRows));
+  const int n_chunks = int(ceil_div(k, fp8 ? skinny::kChunkK<true> : skinny::kChunkK<false>));
+  int limit = std::min({skinny::kMaxSplit, std::max(1, 2 * num_sms / std::max(1, row_blocks)),
+                        std::max(1, n_chunks / skinny::kKWarps)});
+  int split = 1;
+  while (split * 2 <= limit) split *= 2;
+  return split;
+}
+
+template <int MT, bool FP8>
+inline cudaError_t skinny_gemm_launch_mt(const SkinnyGemmParams& p, int split, bool pdl, cudaStream_t stream) {
+  auto kernel = skinny::skinny_gemm_kernel<MT, FP8>;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(unsigned(ceil_div(p.n, skinny::kRows)), unsigned(split), 1);
+  cfg.blockDim = dim3(skinny::kWarps * 32, 1, 1);
+  constexpr int kSmem = skinny::smem_bytes<MT, FP8>();
+  cfg.dynamicSmemBytes = kSmem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[2];
+  int n_attr = 0;
+  if (split > 1) {
+    attr[n_attr].id = cudaLaunchAttributeClusterDimension;
+    attr[n_attr].val.clusterDim.x = 1;
+    attr[n_attr].val.clusterDim.y = unsigned(split);
+    attr[n_attr].val.clusterDim.z = 1;
+    ++n_attr;
+  }
+  if (pdl) {
+    attr[n_attr].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n_attr].val.programmaticStreamSerializationAllowed = 1;
+    ++n_attr;
+  }
+  cfg.attrs = attr;
+  cfg.numAttrs = n_attr;
+  static bool smem_set = false;  // function attributes: set once, not on every launch
+  if (kSmem > 48 * 1024 && !smem_set) {
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    if (err != cudaSuccess) return err;
+    smem_set = true;
+  }
+  static bool non_portable_set = false;
+  if (split > 8 && !non_portable_set) {
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+    if (err != cudaSuccess) return err;
+    non_portable_set = true;
+  }
+  return cudaLaunchKernelEx(&cfg, kernel, p);
+}
+
+struct SkinnyDeviceInfo {
+  int num_sms = 0;
+  int cc = 0;  // 10 * major + minor
+  bool clusters = false;
+  int max_cluster = 1;
+};
+
+// Device facts, read once per device (cheap lookups afterwards; safe during graph capture).
+inline cudaError_t skinny_device_info(SkinnyDeviceInfo* info) {
+  static SkinnyDeviceInfo cache[64];
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (dev < 0 || dev >= 64) return cudaErrorInvalidDevice;
+  if (cache[dev].num_sms == 0) {
+    int sms = 0, major = 0, minor = 0;
+    if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) != cudaSuccess) return err;
+    if ((err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev)) != cudaSuccess) return err;
+    if ((err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev)) != cudaSuccess) return err;
+    SkinnyDeviceInfo d;
+    d.num_sms = sms;
+    d.cc = 10 * major + minor;
+    d.clusters = major >= 9;
+    d.max_cluster = 1;
+    if (d.clusters) {
+      // Largest cluster split the device accepts for this kernel (16 needs the non-portable opt-in).
+      d.max_cluster = 8;
+      // Probed with the largest variant (one block per SM, the most shared memory).
+      auto kernel = skinny::skinny_gemm_kernel<8, false>;
+      constexpr int kSmem = skinny::smem_bytes<8, false>();
+      if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess &&
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem) == cudaSuccess) {
+        cudaLaunchConfig_t cfg = {};
+        cfg.dynamicSmemBytes = kSmem;
+        cfg.gridDim = dim3(1, 16, 1);
+        cfg.blockDim = dim3(skinny::kWarps * 32, 1, 1);
+        cudaLaunchAttribute attr[1];
+        attr[0].id = cudaLaunchAttributeClusterDimension;
+        attr[0].val.clusterDim.x = 1;
+        attr[0].val.clusterDim.y = 16;
+        attr[0].val.clusterDim.z = 1;
+        cfg.attrs = attr;
+        cfg.numAttrs = 1;
+        int clusters = 0;
+        if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess && clusters > 0) d.max_cluster = 16;
+      }
+      cudaGetLastError();
+    }
+    cache[dev] = d;
+  }
+  *info = cache[dev];
+  return cudaSuccess;
+}
+
+// M in [1, 64]; K % 8 == 0 (bf16) or % 16 == 0 (E4M3, sm_89+); x, w 16-byte aligned.
+// split = 0 chooses; otherwise a power of two (> 1 needs sm_90 clusters).
+inline cudaError_t skinny_gemm_launch(const SkinnyGemmParams& p, int split, cudaStream_t stream) {
+  if (p.m <= 0 || p.n <= 0) return cudaSuccess;
+  if (p.m > 64 || p.k <= 0 || p.k % (p.fp8 ? 16 : 8) != 0) return cudaErrorInvalidValue;
+  SkinnyDeviceInfo info;
+  cudaError_t err = skinny_device_info(&info);
+  if (err != cudaSuccess) return err;
+  if (p.fp8 && info.cc < 89) return cudaErrorNotSupported;
+  if (split <= 0) {
+    split = skinny_gemm_split(p.n, p.k, p.fp8, info.num_sms, info.clusters);
+    split = std::min(split, info.max_cluster);
+  }
+  if (split > 1 && (!info.clusters || split > skinny::kMaxSplit || (split & (split - 1)) != 0))
+    return cudaErrorInvalidValue;
+  const bool pdl = p.pdl && info.cc >= 90;
+  // MT = n-tiles of 8 rows of X: 1, 2, 7 (the action expert's 50 / 51 rows), 8.
+  if (p.fp8) {
+    if (p.m <= 8) return skinny_gemm_launch_mt<1, true>(p, split, pdl, stream);
+    if (p.m <= 16) return skinny_gemm_launch_mt<2, true>(p, split, pdl, stream);
+    if (p.m <= 56) return skinny_gemm_launch_mt<7, true>(p, split, pdl, stream);
+    return skinny_gemm_launch_mt<8, true>(p, split, pdl, stream);
+  }
+  if (p.m <= 8) return skinny_gemm_launch_mt<1, false>(p, split, pdl, stream);
+  if (p.m <= 16) return skinny_gemm_launch_mt<2, false>(p, split, pdl, stream);
+  if (p.m <= 56) return skinny_gemm_launch_mt<7, false>(p, split, pdl, stream);
+  return skinny_gemm_launch_mt<8, false>(p, split, pdl, stream);
+}
+
+}  // namespace flashrt

@@ -1,0 +1,253 @@
+"""GPU tests: cuBLASLt GEMM (bf16 / FP8) and the skinny GEMM against torch.
+
+Plain-torch references in fp32 / fp64; fresh random inputs per case (never zeros); outputs poisoned
+with NaN before the call and checked fully written; true Pi0.5 / SigLIP / GR00T shapes plus odd
+sizes; explicit tolerances. Ops get raw device addresses (tensor.data_ptr()) and the current stream.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+fk = pytest.importorskip("flashrt_kernels", reason="flashrt_kernels is not installed")
+
+from flashrt_kernels_testlib import (  # noqa: E402
+    BF16,
+    DEV,
+    E4M3,
+    check,
+    check_rel,
+    fp8_ref,
+    gemm_ref,
+    poisoned,
+    rnd,
+    scalar,
+    stream,
+)
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# GEMM (cuBLASLt)
+
+# (M, K, N): SigLIP qkv / mlp, Gemma-2B prefix qkv / gate_up / down, expert, GR00T, odd sizes
+GEMM_SHAPES = [(512, 1152, 3456), (512, 1152, 4304), (512, 4304, 1152), (968, 2048, 2560), (968, 2048, 32768),
+               (968, 16384, 2048), (50, 1024, 4096), (50, 4096, 1024), (64, 1536, 4608), (7, 72, 136),
+               (1, 64, 16)]
+
+
+@pytest.fixture(scope="module")
+def workspace():
+    return torch.empty(fk.GEMM_WORKSPACE_BYTES, device=DEV, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("m,k,n", GEMM_SHAPES)
+def test_gemm_bf16(m, k, n, workspace):
+    x, w = rnd(m, k), rnd(n, k, scale=k**-0.5)
+    out = poisoned(m, n)
+    fk.gemm(x.data_ptr(), w.data_ptr(), out.data_ptr(), m, n, k, workspace=workspace.data_ptr(),
+            workspace_size=workspace.numel(), stream=stream())
+    ref = gemm_ref(x, w)
+    check_rel(out, ref, rel=5e-3, what="gemm bf16")
+    check(out, ref, atol=1e-2 * ref.abs().max().item(), rtol=1e-2, what="gemm bf16")
+
+
+@pytest.mark.parametrize("m,k,n", [(968, 2048, 2048), (50, 1024, 1024), (9, 136, 72)])
+def test_gemm_bias_residual_inplace_and_alpha(m, k, n, workspace):
+    x, w, bias, res = rnd(m, k), rnd(n, k, scale=k**-0.5), rnd(n), rnd(m, n)
+    out = res.clone()  # residual added in place: out = alpha * x @ w^T + bias + out
+    fk.gemm(x.data_ptr(), w.data_ptr(), out.data_ptr(), m, n, k, workspace=workspace.data_ptr(),
+            workspace_size=workspace.numel(), bias=bias.data_ptr(), residual=out.data_ptr(), alpha=0.5,
+            stream=stream())
+    ref = gemm_ref(x, w, 0.5, bias, res)
+    check(out, ref, atol=1e-2 * ref.abs().max().item(), rtol=1e-2, what="gemm bias+residual")
+
+
+@pytest.mark.parametrize("m,k,n", [(512, 1152, 4304), (50, 1024, 4096)])
+def test_gemm_gelu_epilogue(m, k, n, workspace):
+    x, w, bias = rnd(m, k), rnd(n, k, scale=k**-0.5), rnd(n)
+    out = poisoned(m, n)
+    fk.gemm(x.data_ptr(), w.data_ptr(), out.data_ptr(), m, n, k, workspace=workspace.data_ptr(),
+            workspace_size=workspace.numel(), bias=bias.data_ptr(), epilogue="gelu_tanh", stream=stream())
+    ref = gemm_ref(x, w, bias=bias, gelu=True)
+    check(out, ref, atol=2e-2 * ref.abs().max().item(), rtol=2e-2, what="gemm gelu epilogue")
+
+
+@pytest.mark.parametrize("m,k,n", [(968, 2048, 2560), (968, 16384, 2048), (50, 1024, 4096), (512, 1152, 4304),
+                                   (16, 64, 32)])
+def test_gemm_fp8_per_tensor_scales(m, k, n, workspace):
+    if E4M3 is None:
+        pytest.skip("torch has no float8_e4m3fn")
+    xs, ws = 0.02, 0.003
+    x8 = fp8_ref(rnd(m, k, scale=3.0), xs)
+    w8 = fp8_ref(rnd(n, k, scale=0.5), ws)
+    bias = rnd(n)
+    out = poisoned(m, n)
+    fk.gemm(x8.data_ptr(), w8.data_ptr(), out.data_ptr(), m, n, k, dtype="fp8", workspace=workspace.data_ptr(),
+            workspace_size=workspace.numel(), x_scale=scalar(xs).data_ptr(), w_scale=scalar(ws).data_ptr(),
+            bias=bias.data_ptr(), alpha=2.0, stream=stream())
+    ref = gemm_ref(x8.double() * xs, w8.double() * ws, 2.0, bias)
+    check_rel(out, ref, rel=5e-3, what="gemm fp8")
+    check(out, ref, atol=1e-2 * ref.abs().max().item(), rtol=1e-2, what="gemm fp8")
+
+
+@pytest.mark.parametrize("level", [0, 3, 5])
+def test_gemm_autotune_levels_and_cache(level, workspace):
+    fk.gemm_cache_clear()
+    m, k, n = 512, 1152, 4304
+    x, w, res = rnd(m, k), rnd(n, k, scale=k**-0.5), rnd(m, n)
+    out = res.clone()  # in-place residual: tuning must not run the candidates into `out`
+    fk.gemm(x.data_ptr(), w.data_ptr(), out.data_ptr(), m, n, k, workspace=workspace.data_ptr(),
+            workspace_size=workspace.numel(), residual=out.data_ptr(), autotune=level, stream=stream())
+    ref = gemm_ref(x, w, residual=res)
+    check(out, ref, atol=1e-2 * ref.abs().max().item(), rtol=1e-2, what=f"gemm autotune {level}")
+    assert fk.gemm_cache_size() == 1
+    out2 = poisoned(m, n)
+    fk.gemm(x.data_ptr(), w.data_ptr(), out2.data_ptr(), m, n, k, workspace=workspace.data_ptr(),
+            workspace_size=workspace.numel(), autotune=level, stream=stream())
+    check(out2, gemm_ref(x, w), atol=1e-2 * ref.abs().max().item(), rtol=1e-2, what="gemm second plan")
+    assert fk.gemm_cache_size() == 2
+
+
+def test_gemm_inside_cuda_graph(workspace):
+    m, k, n = 50, 1024, 4096
+    x, w = rnd(m, k), rnd(n, k, scale=k**-0.5)
+    out = poisoned(m, n)
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):  # plan + tuning outside the capture
+        fk.gemm(x.data_ptr(), w.data_ptr(), out.data_ptr(), m, n, k, workspace=workspace.data_ptr(),
+                workspace_size=workspace.numel(), autotune=3, stream=s.cuda_stream)
+    s.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=s):
+        fk.gemm(x.data_ptr(), w.data_ptr(), out.data_ptr(), m, n, k, workspace=workspace.data_ptr(),
+                workspace_size=workspace.numel(), autotune=3, stream=s.cuda_stream)
+    x.copy_(rnd(m, k))
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = gemm_ref(x, w)
+    check(out, ref, atol=1e-2 * ref.abs().max().item(), rtol=1e-2, what="gemm graph replay")
+
+
+# ------------------------------------------------------------------------------------------------
+# skinny GEMM
+
+SKINNY_SHAPES = [(50, 1024, 4096), (50, 4096, 1024), (50, 1024, 2048), (50, 1024, 2560), (51, 2048, 1024),
+                 (1, 64, 72), (7, 200, 136), (16, 1000, 520), (17, 512, 300), (64, 2048, 4104), (33, 8, 130),
+                 (64, 16384, 64)]
+
+
+@pytest.mark.parametrize("m,k,n", SKINNY_SHAPES)
+def test_skinny_gemm(m, k, n):
+    x, w = rnd(m, k), rnd(n, k, scale=k**-0.5)
+    out = poisoned(m, n)
+    fk.skinny_gemm(x.data_ptr(), w.data_ptr(), out.data_ptr(), m, n, k, stream=stream())
+    ref = gemm_ref(x, w)
+    check_rel(out, ref, rel=5e-3, what="skinny")
+    check(out, ref, atol=1e-2 * ref.abs().max().item(), rtol=1e-2, what="skinny")
+
+
+@pytest.mark.parametrize("split", [1, 2, 4, 8, 16])
+def test_skinny_gemm_every_split_with_bias_and_inplace_residual(split):
+    cap = torch.cuda.get_device_capability()
+    if split > 1 and cap[0] < 9:
+        pytest.skip("cluster split-K needs sm_90+")
+    m, k, n = 50, 4096, 1024
+    x, w, bias, res = rnd(m, k), rnd(n, k, scale=k**-0.5), rnd(n), rnd(m, n)
+    out = res.clone()
+    fk.skinny_gemm(x.data_ptr(), w.data_ptr(), out.data_ptr(), m, n, k, bias=bias.data_ptr(),
+                   residual=out.data_ptr(), alpha=0.25, split=split, stream=stream())
+    ref = gemm_ref(x, w, 0.25, bias, res)
+    check(out, ref, atol=1e-2 * ref.abs().max().item(), rtol=1e-2, what=f"skinny split {split}")
+
+
+@pytest.mark.parametrize("m,k,n", [(50, 1024, 4096), (50, 4096, 1024), (50, 1024, 2048), (51, 2048, 2560),
+                                   (64, 2048, 520), (7, 256, 136), (16, 1008, 72), (1, 16, 8)])
+def test_skinny_gemm_fp8(m, k, n):
+    if E4M3 is None:
+        pytest.skip("torch has no float8_e4m3fn")
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("E4M3 tensor cores need sm_89+")
+    xs, ws = 0.02, 0.004
+    x8, w8 = fp8_ref(rnd(m, k, scale=3.0), xs), fp8_ref(rnd(n, k, scale=0.5), ws)
+    bias, res = rnd(n), rnd(m, n)
+    out = res.clone()
+    fk.skinny_gemm(x8.data_ptr(), w8.data_ptr(), out.data_ptr(), m, n, k, dtype="fp8",
+                   x_scale=scalar(xs).data_ptr(), w_scale=scalar(ws).data_ptr(), bias=bias.data_ptr(),
+                   residual=out.data_ptr(), alpha=1.5, stream=stream())
+    ref = gemm_ref(x8.double() * xs, w8.double() * ws, 1.5, bias, res)
+    check_rel(out, ref, rel=5e-3, what="skinny fp8")
+    check(out, ref, atol=1e-2 * ref.abs().max().item(), rtol=1e-2, what="skinny fp8")
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_skinny_gemm_chain_with_programmatic_dependent_launch(graph):
+    """Each GEMM reads the previous one's output (and one input a torch kernel just rewrote): the
+    weight prefetch before the grid-dependency wait must never let x / residual be read early."""
+    m, dims = 50, [1024, 4096, 1024, 2048, 1024]
+    x = rnd(m, dims[0])
+    ws = [rnd(dims[i + 1], dims[i], scale=dims[i] ** -0.5) for i in range(len(dims) - 1)]
+    res = rnd(m, dims[-1])
+
+    def run(pdl, outs, s):
+        cur = x
+        for i, w in enumerate(ws):
+            last = i == len(ws) - 1
+            if last:
+                outs[i].copy_(res)  # a torch kernel writes the residual right before the GEMM reads it
+            fk.skinny_gemm(cur.data_ptr(), w.data_ptr(), outs[i].data_ptr(), m, w.shape[0], w.shape[1],
+                           residual=outs[i].data_ptr() if last else 0, pdl=pdl, stream=s)
+            if i == 1:
+                outs[i].mul_(0.5)  # torch rewrites an intermediate the next GEMM reads
+            cur = outs[i]
+
+    results = {}
+    for pdl in (False, True):
+        outs = [poisoned(m, w.shape[0]) for w in ws]
+        if graph:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                run(pdl, outs, s.cuda_stream)  # warm-up (device facts, attributes)
+            s.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, stream=s):
+                run(pdl, outs, s.cuda_stream)
+            for o in outs:
+                o.fill_(float("nan"))
+            g.replay()
+        else:
+            run(pdl, outs, stream())
+        torch.cuda.synchronize()
+        results[pdl] = outs
+    for a, b in zip(results[False], results[True], strict=True):
+        assert torch.equal(a, b), "PDL changed a result: an input was read before its producer finished"
+    ref = x.double()
+    for i, w in enumerate(ws):
+        ref = ref @ w.double().T
+        if i == 1:
+            ref = ref * 0.5
+        ref = ref.to(BF16).double()  # the chain stores bf16 between GEMMs
+    ref = ref + res.double()
+    check(results[True][-1], ref, atol=2e-2 * ref.abs().max().item(), rtol=2e-2, what="skinny chain")
+
+
+def test_skinny_gemm_is_deterministic_and_graph_capturable():
+    m, k, n = 50, 1024, 4096
+    x, w = rnd(m, k), rnd(n, k, scale=k**-0.5)
+    a, b = poisoned(m, n), poisoned(m, n)
+    fk.skinny_gemm(x.data_ptr(), w.data_ptr(), a.data_ptr(), m, n, k, stream=stream())
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=s):
+        fk.skinny_gemm(x.data_ptr(), w.data_ptr(), b.data_ptr(), m, n, k, stream=s.cuda_stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(a, b)

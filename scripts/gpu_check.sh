@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# GPU check, run ON the CUDA machine from the repository root (no network needed):
+#   build + install flashrt-core and flashrt-kernels (CUDAARCHS=90a unless set), run `pytest -m gpu`
+#   over packages/, run the kernel benchmark, print a short summary LAST.
+# Results and logs go to $OUT (default ./gpu_out). Pure-Python deps missing on the machine are
+# installed from ./wheelhouse (made here by scripts/make_wheelhouse.sh; carry it along).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+# Logs go to a work folder; at the end only the summary, the JSON results and one tarball of the
+# logs are put in $OUT (the device tool returns a limited number of files).
+RESULTS="${OUT:-$ROOT/gpu_out}"
+OUT="$RESULTS/.work"
+mkdir -p "$OUT"
+collect() {
+  cp "$OUT"/summary.txt "$OUT"/*.json "$RESULTS"/ 2>/dev/null
+  tar czf "$RESULTS/gpu_logs.tgz" -C "$OUT" . 2>/dev/null
+  rm -rf "$OUT"
+}
+trap collect EXIT
+PY="${PYTHON:-python3}"
+export CUDAARCHS="${CUDAARCHS:-90a}"
+export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
+# One overall budget (the device call allows ~420 s): each stage gets at most its own limit and
+# never eats the time the later stages and the summary need.
+START=$(date +%s)
+BUDGET="${GPU_CHECK_BUDGET:-400}"
+limit() {  # limit <stage max> <seconds to keep for later stages>
+  local left=$(( BUDGET - ($(date +%s) - START) - $2 ))
+  [ "$left" -gt "$1" ] && left=$1
+  [ "$left" -lt 10 ] && left=10
+  echo "$left"
+}
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+say() { echo "$*" | tee -a "$SUMMARY"; }
+stamp() { date +%s; }
+
+{ nvidia-smi; echo; $PY -c "import torch, sys; print(sys.version); print('torch', torch.__version__, torch.version.cuda)"; \
+  nvcc --version; cmake --version; } > "$OUT/env.txt" 2>&1
+
+# 1. pure-Python dependencies that may be missing (no network: from ./wheelhouse)
+missing=$($PY - <<'PYEOF'
+import importlib.util
+need = {"pluggy": "pluggy", "platformdirs": "platformdirs", "tqdm": "tqdm", "packaging": "packaging",
+        "safetensors": "safetensors", "numpy": "numpy", "pytest": "pytest"}
+missing = [dist for mod, dist in need.items() if importlib.util.find_spec(mod) is None]
+try:  # the packages' pyproject.toml use PEP 639 license strings: setuptools >= 77 builds them
+    import setuptools
+    if int(setuptools.__version__.split(".")[0]) < 77:
+        missing.append("setuptools>=77")
+except ImportError:
+    missing.append("setuptools>=77")
+print(" ".join(missing))
+PYEOF
+)
+if [ -n "$missing" ]; then
+  if [ -d wheelhouse ]; then
+    # shellcheck disable=SC2086
+    $PY -m pip install --no-index --find-links wheelhouse $missing > "$OUT/install_deps.log" 2>&1 \
+      && say "deps: installed from wheelhouse: $missing" || say "deps: FAILED to install $missing (see install_deps.log)"
+  else
+    say "deps: missing $missing and no ./wheelhouse (run scripts/make_wheelhouse.sh and carry wheelhouse)"
+  fi
+fi
+
+# 2. build + install (offline)
+t0=$(stamp)
+if ! $PY -m pip install --no-build-isolation --no-deps ./packages/flashrt-core > "$OUT/install_core.log" 2>&1; then
+  # still importable from the source tree (entry-point plugins are then missing)
+  export PYTHONPATH="$ROOT/packages/flashrt-core/src${PYTHONPATH:+:$PYTHONPATH}"
+  say "install flashrt-core: FAILED (install_core.log); using PYTHONPATH=packages/flashrt-core/src"
+fi
+for pkg in packages/flashrt-pi05 packages/flashrt-pi0 packages/flashrt-pi0fast packages/flashrt-groot packages/flashrt-video; do
+  [ -f "$pkg/pyproject.toml" ] && $PY -m pip install --no-build-isolation --no-deps "./$pkg" >> "$OUT/install_models.log" 2>&1
+done
+T_BUILD=$(limit 240 200)
+CMAKE_ARGS="${CMAKE_ARGS:-} -DFLASHRT_PTXAS_VERBOSE=ON" timeout "$T_BUILD" $PY -m pip install --no-build-isolation --no-deps -v ./packages/flashrt-kernels \
+  > "$OUT/build_kernels.log" 2>&1
+build_rc=$?
+t1=$(stamp)
+if [ $build_rc -eq 0 ]; then
+  build_msg="ok in $((t1 - t0)) s (CUDAARCHS=$CUDAARCHS)"
+else
+  build_msg="FAILED rc=$build_rc after $((t1 - t0)) s (build_kernels.log)"
+  tail -40 "$OUT/build_kernels.log"
+fi
+grep -E "spill|Used [0-9]+ registers" "$OUT/build_kernels.log" > "$OUT/ptxas.txt" 2>/dev/null
+(cd /tmp && $PY -c "import flashrt_kernels as fk; print('flashrt_kernels', fk.__version__, fk.built_archs(), 'devices', fk.device_count())") \
+  > "$OUT/import.txt" 2>&1
+
+# 3. GPU tests: each kernel test file in its own process (a device fault in one cannot take the
+#    others down), then every other package's gpu tests.
+t0=$(stamp)
+test_rc=0
+test_lines=""
+for f in packages/flashrt-kernels/tests/test_kernels_gpu_*.py; do
+  name=$(basename "$f" .py)
+  T_FILE=$(limit 90 100)
+  timeout "$T_FILE" $PY -m pytest -m gpu "$f" -q -rfEs -p no:cacheprovider \
+    --junitxml="$OUT/pytest_$name.xml" > "$OUT/pytest_$name.log" 2>&1
+  rc=$?
+  [ $rc -ne 0 ] && test_rc=$rc
+  line=$(grep -E "(passed|failed|error|skipped|no tests ran)" "$OUT/pytest_$name.log" | tail -1)
+  [ $rc -eq 124 ] && line="TIMEOUT after ${T_FILE} s; last: $line"
+  test_lines="$test_lines
+  ${name#test_kernels_gpu_}: rc=$rc $line"
+done
+cat "$OUT"/pytest_test_kernels_gpu_*.log > "$OUT/pytest_gpu_kernels.log"
+t1=$(stamp)
+T_OTHER=$(limit 60 95)
+timeout "$T_OTHER" $PY -m pytest -m gpu packages --ignore=packages/flashrt-kernels -q -rfEs -p no:cacheprovider \
+  --junitxml="$OUT/pytest_gpu_other.xml" > "$OUT/pytest_gpu_other.log" 2>&1
+other_rc=$?
+[ $other_rc -eq 5 ] && other_rc=0  # no gpu tests collected there yet
+t1b=$(stamp)
+other_line=$(grep -E "(passed|failed|error|skipped|no tests ran)" "$OUT/pytest_gpu_other.log" | tail -1)
+
+# 4. kernel benchmark
+t2=$(stamp)
+T_BENCH=$(limit 120 5)
+timeout "$T_BENCH" $PY scripts/bench_kernels.py --out "$OUT/bench_kernels.json" > "$OUT/bench.log" 2>&1
+bench_rc=$?
+t3=$(stamp)
+
+# 5. summary, last
+echo
+echo "==================== gpu_check summary ($(date -u +%FT%TZ)) ===================="
+say "device:  $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
+say "import:  $(tail -1 "$OUT/import.txt")"
+say "build:   $build_msg; ptxas: $(grep -c 'registers' "$OUT/ptxas.txt") kernels, $(grep -cE '[1-9][0-9]* bytes spill stores' "$OUT/ptxas.txt") with spills"
+say "kernel tests: rc=$test_rc in $((t1 - t0)) s:$test_lines"
+grep -E "^(FAILED|ERROR)" "$OUT/pytest_gpu_kernels.log" | head -30 | cut -c1-220 | tee -a "$SUMMARY"
+say "other gpu tests: rc=$other_rc in $((t1b - t1)) s: $other_line"
+grep -E "^(FAILED|ERROR)" "$OUT/pytest_gpu_other.log" | head -10 | cut -c1-220 | tee -a "$SUMMARY"
+say "bench:   rc=$bench_rc in $((t3 - t2)) s (bench_kernels.json, bench.log)"
+sed -n '/TB\/s, bf16/,$p' "$OUT/bench.log" | tee -a "$SUMMARY"
+[ $bench_rc -ne 0 ] && tail -12 "$OUT/bench.log" | tee -a "$SUMMARY"
+[ $build_rc -eq 0 ] && [ $test_rc -eq 0 ] && [ $other_rc -eq 0 ] && [ $bench_rc -eq 0 ]
