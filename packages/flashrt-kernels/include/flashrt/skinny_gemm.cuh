@@ -33,6 +33,7 @@ struct SkinnyGemmParams {
   int m = 0, n = 0, k = 0;
   bool fp8 = false;                         // W8A8 E4M3 (sm_89+): half the weight bytes
   bool pdl = true;                          // sm_90: stream the weights while the previous kernel ends
+  int debug = 0;                            // TEMP diagnosis bits (env FLASHRT_SKINNY_DEBUG)
 };
 
 namespace skinny {
@@ -63,7 +64,8 @@ constexpr int kMaxSplit = 16;
 template <int MT, bool FP8>
 constexpr int smem_bytes() {
   constexpr int x = MT * 8 * kXStride<FP8>;
-  constexpr int tile = kRows * (MT * 8 + 1) * 4;
+  // k-warp partials + one pushed slice per rank (at most MT * 8 + kMaxSplit rows in all)
+  constexpr int tile = (kKWarps * MT * 8 + MT * 8 + kMaxSplit) * (kRows + 4) * 4;
   return x > tile ? x : tile;
 }
 
@@ -186,8 +188,15 @@ __global__ void __launch_bounds__(kWarps * 32, MT >= 8 ? 1 : 2) skinny_gemm_kern
       for (int h = 0; h < 2; ++h) {
         const int off = c * kChunkBytes + h * 64;  // + q * 16 folded into the row pointers
         const bool in = c < s1 && off + q * 16 < k_bytes;
-        a[j][h][0] = load_stream_or_zero(w_lo + off, in && ok_lo);
-        a[j][h][1] = load_stream_or_zero(w_hi + off, in && ok_hi);
+        if (p.debug & 16) {
+          a[j][h][0] = a[j][h][1] = make_uint4(0, 0, 0, 0);
+        } else if (p.debug & 1) {
+          a[j][h][0] = (in && ok_lo) ? *reinterpret_cast<const uint4*>(w_lo + off) : make_uint4(0, 0, 0, 0);
+          a[j][h][1] = (in && ok_hi) ? *reinterpret_cast<const uint4*>(w_hi + off) : make_uint4(0, 0, 0, 0);
+        } else {
+          a[j][h][0] = load_stream_or_zero(w_lo + off, in && ok_lo);
+          a[j][h][1] = load_stream_or_zero(w_hi + off, in && ok_hi);
+        }
       }
     }
     // 2. X of the stage into shared memory. Weights are constant, so they may be read before the
@@ -200,7 +209,7 @@ __global__ void __launch_bounds__(kWarps * 32, MT >= 8 ? 1 : 2) skinny_gemm_kern
     }
     const int stage_bytes = (s1 - s0) * kChunkBytes;
     const int granules = stage_bytes / 16;
-    for (int i = threadIdx.x; i < kCols * granules; i += kWarps * 32) {
+    for (int i = threadIdx.x; i < ((p.debug & 4) ? 0 : kCols * granules); i += kWarps * 32) {
       const int r = i / granules, col = (i - r * granules) * 16;
       const int kb = s0 * kChunkBytes + col;
       const bool ok = r < p.m && kb < k_bytes;
@@ -231,29 +240,62 @@ __global__ void __launch_bounds__(kWarps * 32, MT >= 8 ? 1 : 2) skinny_gemm_kern
     }
   }
   if (!waited) grid_dependency_wait();  // (blocks without chunks) before any global write
-  allow_dependents();                   // every weight byte of this grid has been requested
+  if (!(p.debug & 64)) allow_dependents();  // every weight byte of this grid has been requested
 
-  // Sum the k-warps of the block into the tile, in warp order (deterministic). The tile aliases
-  // the X stage: wait until every warp has finished its MMAs.
-  __syncthreads();
-  for (int s = 0; s < kKWarps; ++s) {
-    if (kw == s) {
+  if (p.debug & 8) {
+    float t = 0.0f;
 #pragma unroll
-      for (int t = 0; t < MT; ++t) {
-        float* r_lo = tile + (rg * 16 + g) * kLd + t * 8 + 2 * q;
-        float* r_hi = r_lo + 8 * kLd;
-        if (s == 0) {
-          r_lo[0] = acc[t][0]; r_lo[1] = acc[t][1]; r_hi[0] = acc[t][2]; r_hi[1] = acc[t][3];
-        } else {
-          r_lo[0] += acc[t][0]; r_lo[1] += acc[t][1]; r_hi[0] += acc[t][2]; r_hi[1] += acc[t][3];
-        }
-      }
-    }
-    __syncthreads();
+    for (int i = 0; i < MT; ++i) t += acc[i][0] + acc[i][1] + acc[i][2] + acc[i][3];
+    if (t == 1234.5f) p.y[threadIdx.x] = __float2bfloat16_rn(t);
+    return;
   }
 
+  // Reduction, all in [x row m][W row r] layouts (r fastest, 16-byte vectors along r):
+  // 1. each k-warp writes its partial tile to part[kw] (aliases the X stage: sync first);
+  // 2. the k-warps are summed in order and each X-row slice is pushed (16-byte DSMEM stores, no
+  //    round trip) into recv[rank] of the rank that owns those rows;
+  // 3. after one cluster barrier every rank sums recv[0..split) in rank order (deterministic),
+  //    applies the epilogue and stores its rows.
+  constexpr int kPartLd = kRows + 4;  // floats; (2 * kPartLd) % 32 == 8: fragment stores conflict-free
+  constexpr int kPart = kCols * kPartLd;
+  float* part = tile;                         // [kKWarps][kCols][kPartLd]
+  float* recv = tile + kKWarps * kPart;       // [split][rows per rank][kPartLd]
+  __syncthreads();
+#pragma unroll
+  for (int t = 0; t < MT; ++t) {
+    float* base = part + kw * kPart + (t * 8 + 2 * q) * kPartLd + rg * 16 + g;
+    base[0] = acc[t][0];
+    base[kPartLd] = acc[t][1];
+    base[8] = acc[t][2];
+    base[kPartLd + 8] = acc[t][3];
+  }
+  __syncthreads();
+
+  const int rows_per_rank = (p.m + split - 1) / split;  // X rows each rank finishes
+  constexpr int kVec = kRows / 4;                        // float4 per row
+  for (int i = threadIdx.x; i < p.m * kVec; i += kWarps * 32) {
+    const int m = i / kVec, v4 = (i - m * kVec) * 4;
+    float4 sum = *reinterpret_cast<const float4*>(part + m * kPartLd + v4);
+#pragma unroll
+    for (int w = 1; w < kKWarps; ++w) {
+      const float4 o = *reinterpret_cast<const float4*>(part + w * kPart + m * kPartLd + v4);
+      sum.x += o.x; sum.y += o.y; sum.z += o.z; sum.w += o.w;
+    }
+    const int owner = m / rows_per_rank;
+    float* dst = recv + (rank * rows_per_rank + (m - owner * rows_per_rank)) * kPartLd + v4;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (split > 1) cluster.sync();  // every block's tile is complete and visible cluster-wide
+    if (split > 1) dst = cluster.map_shared_rank(dst, owner);
+#endif
+    *reinterpret_cast<float4*>(dst) = sum;
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (split > 1) {
+    cluster.sync();  // every push has landed
+  } else {
+    __syncthreads();
+  }
+#else
+  __syncthreads();
 #endif
 
   float alpha = p.alpha;
@@ -261,46 +303,48 @@ __global__ void __launch_bounds__(kWarps * 32, MT >= 8 ? 1 : 2) skinny_gemm_kern
     if (p.x_scale) alpha *= __ldg(p.x_scale);
     if (p.w_scale) alpha *= __ldg(p.w_scale);
   }
-
-  // Each rank finishes a slice of the tile: sum over ranks in rank order, epilogue, store.
-  // Element e -> (x row m, W row r), r fastest so stores along N coalesce.
-  const int n_elems = p.m * kRows;
-  const int per_rank = (n_elems + split - 1) / split;
-  const int e_end = min(n_elems, (rank + 1) * per_rank);
-  for (int e = rank * per_rank + threadIdx.x; e < e_end; e += blockDim.x) {
-    const int m = e / kRows, r = e - m * kRows;
-    const int n = n0 + r;
+  const int m_lo = rank * rows_per_rank, m_hi = min(p.m, m_lo + rows_per_rank);
+  const bool vec_ok = (p.n & 3) == 0;
+  for (int i = threadIdx.x; i < (m_hi - m_lo) * kVec; i += kWarps * 32) {
+    const int ml = i / kVec, v4 = (i - ml * kVec) * 4;
+    const int m = m_lo + ml, n = n0 + v4;
     if (n >= p.n) continue;
-    const int idx = r * kLd + m;
-    float v = 0.0f;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if (split > 1) {
-      // All remote reads first (independent, in flight together), then the sum in rank order.
-      // Eight at a time keeps the register count under the two-blocks-per-SM cap.
-#pragma unroll 1
-      for (int s0 = 0; s0 < split; s0 += 8) {
-        float part[8];
-#pragma unroll
-        for (int s = 0; s < 8; ++s) part[s] = s0 + s < split ? cluster.map_shared_rank(tile, s0 + s)[idx] : 0.0f;
-#pragma unroll
-        for (int s = 0; s < 8; ++s) v += part[s];
-      }
-    } else {
-      v = tile[idx];
+    float4 sum = *reinterpret_cast<const float4*>(recv + ml * kPartLd + v4);
+    for (int s = 1; s < split; ++s) {
+      const float4 o = *reinterpret_cast<const float4*>(recv + (s * rows_per_rank + ml) * kPartLd + v4);
+      sum.x += o.x; sum.y += o.y; sum.z += o.z; sum.w += o.w;
     }
-#else
-    v = tile[idx];
-#endif
-    v *= alpha;
-    if (p.bias) v += __bfloat162float(p.bias[n]);
+    float v[4] = {sum.x * alpha, sum.y * alpha, sum.z * alpha, sum.w * alpha};
     const int64_t o = int64_t(m) * p.n + n;
-    if (p.residual) v += __bfloat162float(p.residual[o]);
-    p.y[o] = __float2bfloat16_rn(v);
+    if (vec_ok && n + 3 < p.n) {
+      if (p.bias) {
+        const uint2 braw = *reinterpret_cast<const uint2*>(p.bias + n);
+        const auto* bh = reinterpret_cast<const __nv_bfloat162*>(&braw);
+        const float2 b0 = __bfloat1622float2(bh[0]), b1 = __bfloat1622float2(bh[1]);
+        v[0] += b0.x; v[1] += b0.y; v[2] += b1.x; v[3] += b1.y;
+      }
+      if (p.residual) {
+        const uint2 rraw = *reinterpret_cast<const uint2*>(p.residual + o);
+        const auto* rh = reinterpret_cast<const __nv_bfloat162*>(&rraw);
+        const float2 r0 = __bfloat1622float2(rh[0]), r1 = __bfloat1622float2(rh[1]);
+        v[0] += r0.x; v[1] += r0.y; v[2] += r1.x; v[3] += r1.y;
+      }
+      uint2 out;
+      auto* oh = reinterpret_cast<__nv_bfloat162*>(&out);
+      oh[0] = __floats2bfloat162_rn(v[0], v[1]);
+      oh[1] = __floats2bfloat162_rn(v[2], v[3]);
+      *reinterpret_cast<uint2*>(p.y + o) = out;
+    } else {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (n + j >= p.n) break;
+        float x = v[j];
+        if (p.bias) x += __bfloat162float(p.bias[n + j]);
+        if (p.residual) x += __bfloat162float(p.residual[o + j]);
+        p.y[o + j] = __float2bfloat16_rn(x);
+      }
+    }
   }
-
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (split > 1) cluster.sync();  // keep this block's tile alive until every rank has read it
-#endif
 }
 
 }  // namespace skinny
@@ -426,7 +470,9 @@ inline cudaError_t skinny_gemm_launch(const SkinnyGemmParams& p, int split, cuda
   }
   if (split > 1 && (!info.clusters || split > skinny::kMaxSplit || (split & (split - 1)) != 0))
     return cudaErrorInvalidValue;
-  const bool pdl = p.pdl && info.cc >= 90;
+  static const int dbg = getenv("FLASHRT_SKINNY_DEBUG") ? atoi(getenv("FLASHRT_SKINNY_DEBUG")) : 0;
+  const_cast<SkinnyGemmParams&>(p).debug = dbg;
+  const bool pdl = p.pdl && info.cc >= 90 && !(dbg & 32);
   // MT = n-tiles of 8 rows of X: 1, 2, 7 (the action expert's 50 / 51 rows), 8.
   if (p.fp8) {
     if (p.m <= 8) return skinny_gemm_launch_mt<1, true>(p, split, pdl, stream);
