@@ -54,7 +54,7 @@ CPU_MARKERS = "not gpu and not parity"
 
 def _install_flashrt(session: nox.Session, torch_spec: str = TORCH_CPU) -> None:
     session.install(torch_spec)
-    session.install("-e", "packages/flashrt-core[serve,tokenizer]")
+    session.install("-e", "packages/flashrt-core[serve,tokenizer,jax]")
     for package in MODEL_PACKAGES:
         session.install("-e", package)
 
@@ -94,10 +94,35 @@ def demo(session: nox.Session) -> None:
     session.run("flashrt", "demo", *session.posargs)
 
 
-@nox.session(python=PY_PARITY)
+# lerobot 0.6.1 (the independent implementation) pins Python >= 3.12 and torch < 2.12. With a CPU
+# torch index for 3.12 (FLASHRT_PARITY_TORCH_INDEX=https://download.pytorch.org/whl/cpu) it is
+# installed as published. Offline - the only CPU torch on these machines is 2.13 for Python 3.11, and
+# PyPI's torch for 3.12 is a CUDA build - it is installed on 3.11 without its pins, and
+# lerobot_py311_compat.py rewrites its five 3.12-only type-parameter declarations (none on the model
+# path) and stubs torchvision (no CPU wheel offline; lerobot imports it for dataset transforms only).
+PARITY_TORCH_INDEX = os.environ.get("FLASHRT_PARITY_TORCH_INDEX")
+LEROBOT = "lerobot==0.6.1"
+LEROBOT_RUNTIME_DEPS = [  # lerobot 0.6.1's requirements and its [pi] extra, less torch / torchvision / cmake
+    "numpy>=2.0,<2.3", "opencv-python-headless>=4.9,<4.14", "Pillow>=10,<13", "einops>=0.8,<0.9",
+    "draccus>=0.11.6,<0.12", "huggingface-hub>=1.6,<2", "requests>=2.32,<3", "gymnasium>=1.1.1,<2",
+    "safetensors>=0.4.3,<1", "packaging>=24.2,<26", "termcolor>=2.4,<4", "tqdm>=4.66,<5",
+    "transformers>=5.4,<5.6", "scipy>=1.14,<2",
+]
+
+
+@nox.session(python=PY_PARITY if PARITY_TORCH_INDEX else PY_DEFAULT)
 def parity(session: nox.Session) -> None:
-    session.install("lerobot[pi]==0.6.1", TORCH_CPU, "transformers")
-    session.install("-e", "packages/flashrt-core[tokenizer]")
+    if PARITY_TORCH_INDEX:
+        session.install("torch==2.11.0", "torchvision==0.26.0", "--index-url", PARITY_TORCH_INDEX)
+        session.install(f"lerobot[pi]{LEROBOT.removeprefix('lerobot')}")
+    else:
+        session.install(TORCH_CPU)
+        session.install("--no-deps", "--ignore-requires-python", "--force-reinstall", LEROBOT)
+        session.install(*LEROBOT_RUNTIME_DEPS)
+    session.run("python", "packages/flashrt-pi05/tests/lerobot_py311_compat.py")
+    # fail here, not as a quiet pytest skip, when lerobot's Pi models cannot be imported
+    session.run("python", "-c", "import lerobot.policies.pi05.modeling_pi05, lerobot.policies.pi0.modeling_pi0")
+    session.install("-e", "packages/flashrt-core[tokenizer,serve]")  # serve: its test modules import msgpack
     for package in MODEL_PACKAGES:
         session.install("-e", package)
     session.install("pytest>=8", "pytest-timeout")

@@ -2,7 +2,7 @@
 """Kernel benchmark: every flashrt_kernels op at Pi0.5 / SigLIP shapes against its torch / cuBLAS
 baseline and the card's measured ceilings, in one process.
 
-    python scripts/bench_kernels.py [--out results.json] [--quick]
+    python scripts/bench_kernels.py [--out results.json] [--quick] [--only skinny,attention] [--sweep]
 
 Timing: each op is captured N times into a CUDA graph (launch gaps as in the real pipeline), the
 calls rotate over enough input sets to exceed L2 where the op is memory-bound, the graph is
@@ -228,14 +228,16 @@ def case_gemm(m, k_dim, n, fp8=False, workspace=None, autotune=3):
     return time_graph(ours), maybe_time(base), (m * k_dim + n * k_dim) * (1 if fp8 else 2) + m * n * 2, flops, name
 
 
-def case_skinny(m, k_dim, n, workspace=None, pdl=True):
+def case_skinny(m, k_dim, n, workspace=None, pdl=True, split=0, baselines=True):
     wbytes = n * k_dim * 2
     k = n_sets(wbytes)
     x = rnd(m, k_dim)
     ws = [rnd(n, k_dim, scale=k_dim**-0.5) for _ in range(k)]
     out = torch.empty(m, n, dtype=BF16, device=DEV)
     ours = [lambda i=i: fk.skinny_gemm(x.data_ptr(), ws[i].data_ptr(), out.data_ptr(), m, n, k_dim, pdl=pdl,
-                                       stream=stream()) for i in range(k)]
+                                       split=split, stream=stream()) for i in range(k)]
+    if not baselines:
+        return time_graph(ours), None, wbytes, 2 * m * n * k_dim, "-"
     base = [lambda i=i: torch.matmul(x, ws[i].t()) for i in range(k)]
     lt = [lambda i=i: fk.gemm(x.data_ptr(), ws[i].data_ptr(), out.data_ptr(), m, n, k_dim,
                               workspace=workspace.data_ptr(), workspace_size=workspace.numel(), autotune=5,
@@ -307,6 +309,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="JSON path (default $OUT/bench_kernels.json or ./bench_kernels.json)")
     ap.add_argument("--quick", action="store_true", help="fewer shapes, smaller ceiling runs")
+    ap.add_argument("--only", default="", help="comma-separated substrings of 'op shape': run only matching cases")
+    ap.add_argument("--sweep", action="store_true", help="add skinny GEMM cases at every cluster split")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_kernels: no CUDA device", file=sys.stderr)
@@ -350,8 +354,17 @@ def main() -> int:
         ("attn decode split", "50x1018 q8 kv1 d256",
          lambda: case_attention(50, 1018, 8, 1, 256, with_mask=True, split=True)),
     ]
+    if args.sweep:
+        for m, k_dim, n in [(50, 1024, 4096), (50, 4096, 1024), (50, 1024, 2048)]:
+            for split in (1, 2, 4, 8, 16):
+                cases.append((f"skinny split={split}", f"{m}x{k_dim}->{n}",
+                              lambda m=m, k_dim=k_dim, n=n, split=split:
+                              case_skinny(m, k_dim, n, split=split, baselines=False)))
     if args.quick:
         cases = cases[::2]
+    if args.only:
+        keys = [key.strip() for key in args.only.split(",") if key.strip()]
+        cases = [c for c in cases if any(key in f"{c[0]} {c[1]}" for key in keys)]
 
     rows = []
     for op, shape, fn in cases:

@@ -7,8 +7,17 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-OUT="${OUT:-$ROOT/gpu_out}"
+# Logs go to a work folder; at the end only the summary, the JSON results and one tarball of the
+# logs are put in $OUT (the device tool returns a limited number of files).
+RESULTS="${OUT:-$ROOT/gpu_out}"
+OUT="$RESULTS/.work"
 mkdir -p "$OUT"
+collect() {
+  cp "$OUT"/summary.txt "$OUT"/*.json "$RESULTS"/ 2>/dev/null
+  tar czf "$RESULTS/gpu_logs.tgz" -C "$OUT" . 2>/dev/null
+  rm -rf "$OUT"
+}
+trap collect EXIT
 PY="${PYTHON:-python3}"
 export CUDAARCHS="${CUDAARCHS:-90a}"
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"

@@ -9,7 +9,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from flash_rt.errors import ConfigError
 from flash_rt.models.paligemma_tokenizer import STANDIN_TOKENIZER
@@ -19,7 +18,6 @@ from flash_rt.models.pi_make_checkpoint import (
     make_config,
     random_state_dict,
     write_random_checkpoint,
-    write_safetensors_streaming,
 )
 from flash_rt.models.pi_params import expected_tensors, num_parameters
 
@@ -59,31 +57,17 @@ def test_full_size_matches_the_true_models():
     assert len(names) == 811 and len(set(names)) == 811
 
 
-def test_streaming_writer_matches_safetensors(tmp_path):
-    rng = torch.Generator().manual_seed(0)
-    tensors = {"a": torch.randn(3, 5, generator=rng), "b.bias": torch.randn(7, generator=rng).to(torch.bfloat16),
-               "c": torch.randn(2, 2, 2, generator=rng).half()}
-    entries = [(k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in tensors.items()]
-    write_safetensors_streaming(tmp_path / "x.safetensors", entries, iter(tensors.values()))
-    loaded = load_file(str(tmp_path / "x.safetensors"))
-    for k, v in tensors.items():
-        assert loaded[k].dtype == v.dtype
-        torch.testing.assert_close(loaded[k], v, rtol=0, atol=0)
-    with pytest.raises(RuntimeError, match="header says"):
-        write_safetensors_streaming(tmp_path / "y.safetensors", entries[:1], iter([torch.zeros(2)]))
-    assert not (tmp_path / "y.safetensors").exists()
-
-
 def test_full_lerobot_header_has_the_true_dtypes(tmp_path, monkeypatch):
     # The full-size writer's plan (names, shapes, dtypes) without 7 GB of writing: capture the entries.
+    from flash_rt.executors import torch_weights
     from flash_rt.models import pi_make_checkpoint as mk
 
     captured = {}
 
-    def fake_writer(path, entries, produce, metadata=None):
-        captured[path.name] = entries
+    def fake_writer(path, tensors, *, metadata=None, layout=None):
+        captured[path.name] = [(n, s, str(d).removeprefix("torch.")) for n, s, d in layout]
 
-    monkeypatch.setattr(mk, "write_safetensors_streaming", fake_writer)
+    monkeypatch.setattr(torch_weights, "write_safetensors", fake_writer)
     config = make_config("pi05", "full")
     mk._write_torch_weights(tmp_path, config, "lerobot", "full", 0)
     dtypes = {name: dtype for name, _, dtype in captured["model.safetensors"]}

@@ -323,3 +323,21 @@ def test_jax_nnx_value_suffix_and_damage(tmp_path):
             f.unlink()
     with pytest.raises(CheckpointError, match="cannot read the orbax checkpoint"):
         load_pi_checkpoint(tmp_path / "ck", "pi0")
+
+
+@needs_orbax
+def test_jax_optional_config_overrides_only_what_it_states(tmp_path):
+    path = write_random_checkpoint(tmp_path / "jax", "pi05", "tiny", "openpi-jax", seed=1)
+    (path / "config.json").write_text(json.dumps({"action_horizon": 15}))
+    ckpt = load_pi_checkpoint(path, "pi05")
+    assert ckpt.config.action_horizon == 15
+    assert ckpt.config.paligemma == make_config("pi05", "tiny").paligemma  # still read off the shapes
+    (path / "config.json").write_text(json.dumps({"paligemma_variant": "gemma_2b"}))
+    with pytest.raises(CheckpointError, match="declares 18 paligemma layers but the weights hold 2"):
+        load_pi_checkpoint(path, "pi05")
+
+
+def test_incomplete_jax_checkpoint(tmp_path):
+    (tmp_path / "params" / "d").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="holds no orbax checkpoint"):
+        load_pi_checkpoint(tmp_path, "pi05")

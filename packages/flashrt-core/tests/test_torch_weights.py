@@ -595,3 +595,19 @@ def test_safetensors_source_on_cuda_matches_cpu(tmp_path):
     assert (
         torch.equal(on_gpu["flat"].cpu(), on_cpu["flat"]) and on_gpu["flat_offsets"] == on_cpu["flat_offsets"]
     )
+
+
+def test_written_checkpoint_has_umask_mode(tmp_path):
+    import os
+
+    import torch
+
+    from flash_rt.executors.torch_weights import write_safetensors
+
+    umask = os.umask(0o022)
+    try:
+        path = tmp_path / "m.safetensors"
+        write_safetensors(path, {"w": torch.randn(3, 4)})
+        assert (path.stat().st_mode & 0o777) == 0o644
+    finally:
+        os.umask(umask)

@@ -27,8 +27,16 @@ def stream():
     return torch.cuda.current_stream().cuda_stream
 
 
+_SCALARS_IN_FLIGHT = []
+
+
 def scalar(value):
-    return torch.tensor([value], device=DEV, dtype=F32)
+    """A device fp32 scalar for a kernel's scale pointer. Tests pass `scalar(x).data_ptr()` inline;
+    without this reference the temporary is freed before the kernel runs and the next scalar can
+    reuse its memory (two scales then read the same value), so keep every one alive."""
+    tensor = torch.tensor([value], device=DEV, dtype=F32)
+    _SCALARS_IN_FLIGHT.append(tensor)
+    return tensor
 
 
 def check(out, ref, *, atol, rtol, what=""):

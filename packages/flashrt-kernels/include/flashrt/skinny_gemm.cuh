@@ -33,6 +33,7 @@ struct SkinnyGemmParams {
   int m = 0, n = 0, k = 0;
   bool fp8 = false;                         // W8A8 E4M3 (sm_89+): half the weight bytes
   bool pdl = true;                          // sm_90: stream the weights while the previous kernel ends
+  int debug = 0;                            // TEMP diagnosis bits (env FLASHRT_SKINNY_DEBUG)
 };
 
 namespace skinny {
@@ -41,11 +42,32 @@ constexpr int kWarps = 8;        // per block
 constexpr int kRowGroups = 4;    // 16-row MMA tiles of W per block -> 64 W rows per block
 constexpr int kKWarps = kWarps / kRowGroups;  // warps splitting k inside the block
 constexpr int kRows = 16 * kRowGroups;
-// A warp step ("chunk") is two 16-byte loads per W row: 64 bf16 or 128 E4M3 values of k.
+// A warp step ("chunk") is 128 bytes of k per W row (two 16-byte loads per thread and row):
+// 64 bf16 or 128 E4M3 values. The kernel works in bytes, so both dtypes share the code.
+constexpr int kChunkBytes = 128;
 template <bool FP8>
 constexpr int kChunkK = FP8 ? 128 : 64;
-constexpr int kUnroll = 2;       // chunks loaded before the first MMA of a round
+// X is staged in shared memory one "stage" of k at a time; every W load of a stage is issued
+// before the first MMA of that stage (bf16: up to 4 chunks a warp = 64 registers a thread). On
+// sm_90 the E4M3 MMA is emulated (E4M3 -> f16 unpacks + f16 MMAs), which costs registers: half
+// the stage there.
+template <bool FP8>
+constexpr int kStageChunks = FP8 ? 4 : 8;
+template <bool FP8>
+constexpr int kStageBytes = kStageChunks<FP8> * kChunkBytes;
+// X rows in shared memory: stride = stage bytes + 64, so the 8 rows x 4 16-byte columns one
+// quarter-warp reads fall into distinct banks.
+template <bool FP8>
+constexpr int kXStride = kStageBytes<FP8> + 64;
 constexpr int kMaxSplit = 16;
+
+template <int MT, bool FP8>
+constexpr int smem_bytes() {
+  constexpr int x = MT * 8 * kXStride<FP8>;
+  // k-warp partials + one pushed slice per rank (at most MT * 8 + kMaxSplit rows in all)
+  constexpr int tile = (kKWarps * MT * 8 + MT * 8 + kMaxSplit) * (kRows + 4) * 4;
+  return x > tile ? x : tile;
+}
 
 // bf16: m16n8k16; E4M3: m16n8k32. In both, a 32-bit register holds the k-consecutive values a
 // thread owns, so 16 contiguous bytes feed two MMAs the same way (see the kernel).
@@ -79,39 +101,50 @@ __device__ __forceinline__ void grid_dependency_wait() {
 #endif
 }
 
-// X fragments: reused by every warp, so cached in L1. asm volatile keeps each load next to its MMA
-// (also volatile) instead of letting the compiler hoist a whole round of them into registers.
-__device__ __forceinline__ uint4 load_or_zero(const uint8_t* p, bool ok) {
+// Lets the next kernel of the stream (if launched with PDL) start its prologue: it still waits
+// for this grid's completion before touching anything this grid writes.
+__device__ __forceinline__ void allow_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// Streams W past the SM: no reuse, so keep it out of L1. Not volatile: the compiler may hoist a
+// whole stage of these ahead of the MMAs, which is the point.
+__device__ __forceinline__ uint4 load_stream_or_zero(const uint8_t* p, bool ok) {
   uint4 v = make_uint4(0, 0, 0, 0);
   if (ok) {
-    asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
   }
   return v;
 }
 
-// Streams W past the SM: no reuse, so keep it out of L1 (X, reused by every warp, stays there).
-__device__ __forceinline__ uint4 load_stream_or_zero(const uint8_t* p, bool ok) {
-  uint4 v = make_uint4(0, 0, 0, 0);
-  if (ok) {
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-  }
-  return v;
+__device__ __forceinline__ void cp_async_16_or_zero(void* smem, const void* gmem, bool ok) {
+  const uint32_t s = uint32_t(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(ok ? 16 : 0));
+}
+
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+__device__ __forceinline__ uint4 lds128(const uint8_t* p) {
+  return *reinterpret_cast<const uint4*>(p);
 }
 
 // Two blocks per SM keep enough weight bytes in flight; at MT = 8 that register cap (128) spills,
 // so the rare M > 56 case runs one block per SM instead.
 template <int MT, bool FP8>
 __global__ void __launch_bounds__(kWarps * 32, MT >= 8 ? 1 : 2) skinny_gemm_kernel(SkinnyGemmParams p) {
-  constexpr int kElem = FP8 ? 1 : 2;            // bytes per value
-  constexpr int kPer16B = 16 / kElem;           // values per 16-byte load
-  constexpr int kCK = kChunkK<FP8>;
+  constexpr int kElem = FP8 ? 1 : 2;    // bytes per value
   constexpr int kCols = MT * 8;         // padded X rows handled by this instantiation
-  constexpr int kLd = kCols + 1;        // smem row stride (odd: spreads the banks)
-  __shared__ float tile[kRows * kLd];
+  constexpr int kLd = kCols + 1;        // reduction tile row stride (odd: spreads the banks)
+  constexpr int kStage = kStageChunks<FP8>;
+  constexpr int kChunksPerWarp = kStage / kKWarps;
+  constexpr int kXStr = kXStride<FP8>;
+  extern __shared__ __align__(16) uint8_t smem[];
+  uint8_t* xs = smem;                               // [kCols][kXStr] bytes, one stage of X
+  float* tile = reinterpret_cast<float*>(smem);     // [kRows][kLd], after the main loop (aliases xs)
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, q = lane & 3;
@@ -125,91 +158,144 @@ __global__ void __launch_bounds__(kWarps * 32, MT >= 8 ? 1 : 2) skinny_gemm_kern
   split = int(cluster.num_blocks());
   rank = int(cluster.block_rank());
 #endif
-  const int n_chunks = (p.k + kCK - 1) / kCK;
+  const int k_bytes = p.k * kElem;
+  const int n_chunks = (k_bytes + kChunkBytes - 1) / kChunkBytes;
   const int per_split = (n_chunks + split - 1) / split;
   const int c_begin = rank * per_split;
   const int c_end = min(n_chunks, c_begin + per_split);
 
   const int row_lo = n0 + rg * 16 + g, row_hi = row_lo + 8;
   const uint8_t* w_bytes = static_cast<const uint8_t*>(p.w);
-  const uint8_t* w_lo = w_bytes + int64_t(min(row_lo, p.n - 1)) * p.k * kElem;
-  const uint8_t* w_hi = w_bytes + int64_t(min(row_hi, p.n - 1)) * p.k * kElem;
+  const uint8_t* w_lo = w_bytes + int64_t(min(row_lo, p.n - 1)) * k_bytes + q * 16;
+  const uint8_t* w_hi = w_bytes + int64_t(min(row_hi, p.n - 1)) * k_bytes + q * 16;
   const bool ok_lo = row_lo < p.n, ok_hi = row_hi < p.n;
-
-  // X row g of n-tile t is x_g + t * 8 * K (read only when that row exists).
-  const uint8_t* x_g = static_cast<const uint8_t*>(p.x) + int64_t(g) * p.k * kElem;
-  const int x_tile_stride = 8 * p.k * kElem;  // bytes
+  const uint8_t* x_bytes = static_cast<const uint8_t*>(p.x);
 
   float acc[MT][4];
 #pragma unroll
   for (int t = 0; t < MT; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f;
 
+  bool waited = false;
 #pragma unroll 1
-  for (int c0 = c_begin + kw; c0 < c_end; c0 += kKWarps * kUnroll) {
-    // Offsets inside a round are compile-time constants from one base per round, so the compiler
-    // keeps a handful of pointers instead of one per (chunk, half, n-tile) load.
-    const int k_base = c0 * kCK + q * kPer16B;  // in values
-    const uint8_t* w_lo_r = w_lo + int64_t(k_base) * kElem;
-    const uint8_t* w_hi_r = w_hi + int64_t(k_base) * kElem;
-    const uint8_t* x_r = x_g + int64_t(k_base) * kElem;
-    // Issue every W load of the round first: these are the bytes that must be in flight.
-    uint4 a[kUnroll][2][2];  // [chunk][half][row lo / hi]
+  for (int s0 = c_begin; s0 < c_end; s0 += kStage) {
+    const int s1 = min(c_end, s0 + kStage);
+    // 1. This warp's W bytes of the stage, all in flight at once (chunks s0 + kw + j * kKWarps).
+    uint4 a[kChunksPerWarp][2][2];  // [chunk][half][row lo / hi]
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int j = 0; j < kChunksPerWarp; ++j) {
+      const int c = s0 + kw + j * kKWarps;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int off = u * kKWarps * kCK + h * (kCK / 2);
-        const bool in = c0 + u * kKWarps < c_end && k_base + off < p.k;
-        a[u][h][0] = load_stream_or_zero(w_lo_r + off * kElem, in && ok_lo);
-        a[u][h][1] = load_stream_or_zero(w_hi_r + off * kElem, in && ok_hi);
+        const int off = c * kChunkBytes + h * 64;  // + q * 16 folded into the row pointers
+        const bool in = c < s1 && off + q * 16 < k_bytes;
+        if (p.debug & 16) {
+          a[j][h][0] = a[j][h][1] = make_uint4(0, 0, 0, 0);
+        } else if (p.debug & 1) {
+          a[j][h][0] = (in && ok_lo) ? *reinterpret_cast<const uint4*>(w_lo + off) : make_uint4(0, 0, 0, 0);
+          a[j][h][1] = (in && ok_hi) ? *reinterpret_cast<const uint4*>(w_hi + off) : make_uint4(0, 0, 0, 0);
+        } else {
+          a[j][h][0] = load_stream_or_zero(w_lo + off, in && ok_lo);
+          a[j][h][1] = load_stream_or_zero(w_hi + off, in && ok_hi);
+        }
       }
     }
-    // Weights are constant, so they may be read before the previous kernel in the stream is done
-    // (programmatic dependent launch); X / residual / Y only after this point.
-    grid_dependency_wait();  // returns at once after the first round
+    // 2. X of the stage into shared memory. Weights are constant, so they may be read before the
+    // previous kernel in the stream is done (programmatic dependent launch); X only after this.
+    if (!waited) {
+      grid_dependency_wait();
+      waited = true;
+    } else {
+      __syncthreads();  // every warp is done reading the previous stage
+    }
+    const int stage_bytes = (s1 - s0) * kChunkBytes;
+    const int granules = stage_bytes / 16;
+    for (int i = threadIdx.x; i < ((p.debug & 4) ? 0 : kCols * granules); i += kWarps * 32) {
+      const int r = i / granules, col = (i - r * granules) * 16;
+      const int kb = s0 * kChunkBytes + col;
+      const bool ok = r < p.m && kb < k_bytes;
+      cp_async_16_or_zero(xs + r * kXStr + col, ok ? x_bytes + int64_t(r) * k_bytes + kb : x_bytes, ok);
+    }
+    cp_async_wait_all();
+    __syncthreads();
+    // 3. MMAs. bf16: physical k (kk + 0..3) plays logical k (2q, 2q+1, 2q+8, 2q+9) of the first MMA
+    // and kk + 4..7 the same of the second. E4M3: kk + 0..7 plays (4q..4q+3, 16+4q..16+4q+3) of the
+    // first, kk + 8..15 of the second. A (W) and B (X) use the same map.
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int j = 0; j < kChunksPerWarp; ++j) {
+      const int c = s0 + kw + j * kKWarps;
+      if (c < s1) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int off = u * kKWarps * kCK + h * (kCK / 2);
-        const bool in = c0 + u * kKWarps < c_end && k_base + off < p.k;
+        for (int h = 0; h < 2; ++h) {
+          const uint8_t* xrow = xs + g * kXStr + (c - s0) * kChunkBytes + h * 64 + q * 16;
+          const uint4& lo = a[j][h][0];
+          const uint4& hi = a[j][h][1];
 #pragma unroll
-        for (int t = 0; t < MT; ++t) {
-          const int xr = t * 8 + g;
-          const uint4 b = load_or_zero(x_r + t * x_tile_stride + off * kElem, in && xr < p.m);
-          const uint4& lo = a[u][h][0];
-          const uint4& hi = a[u][h][1];
-          // bf16: physical k (kk + 0..3) plays logical k (2q, 2q+1, 2q+8, 2q+9) of the first MMA
-          // and kk + 4..7 the same of the second. E4M3: kk + 0..7 plays (4q..4q+3, 16+4q..16+4q+3)
-          // of the first, kk + 8..15 of the second. A and B use the same map.
-          mma_step<FP8>(acc[t], lo.x, hi.x, lo.y, hi.y, b.x, b.y);
-          mma_step<FP8>(acc[t], lo.z, hi.z, lo.w, hi.w, b.z, b.w);
+          for (int t = 0; t < MT; ++t) {
+            const uint4 b = lds128(xrow + t * 8 * kXStr);
+            mma_step<FP8>(acc[t], lo.x, hi.x, lo.y, hi.y, b.x, b.y);
+            mma_step<FP8>(acc[t], lo.z, hi.z, lo.w, hi.w, b.z, b.w);
+          }
         }
       }
     }
   }
+  if (!waited) grid_dependency_wait();  // (blocks without chunks) before any global write
+  if (!(p.debug & 64)) allow_dependents();  // every weight byte of this grid has been requested
 
-  grid_dependency_wait();  // (warps without chunks) before any global write
-
-  // Sum the k-warps of the block into the tile, in warp order (deterministic).
-  for (int s = 0; s < kKWarps; ++s) {
-    if (kw == s) {
+  if (p.debug & 8) {
+    float t = 0.0f;
 #pragma unroll
-      for (int t = 0; t < MT; ++t) {
-        float* r_lo = tile + (rg * 16 + g) * kLd + t * 8 + 2 * q;
-        float* r_hi = r_lo + 8 * kLd;
-        if (s == 0) {
-          r_lo[0] = acc[t][0]; r_lo[1] = acc[t][1]; r_hi[0] = acc[t][2]; r_hi[1] = acc[t][3];
-        } else {
-          r_lo[0] += acc[t][0]; r_lo[1] += acc[t][1]; r_hi[0] += acc[t][2]; r_hi[1] += acc[t][3];
-        }
-      }
+    for (int i = 0; i < MT; ++i) t += acc[i][0] + acc[i][1] + acc[i][2] + acc[i][3];
+    if (t == 1234.5f) p.y[threadIdx.x] = __float2bfloat16_rn(t);
+    return;
+  }
+
+  // Reduction, all in [x row m][W row r] layouts (r fastest, 16-byte vectors along r):
+  // 1. each k-warp writes its partial tile to part[kw] (aliases the X stage: sync first);
+  // 2. the k-warps are summed in order and each X-row slice is pushed (16-byte DSMEM stores, no
+  //    round trip) into recv[rank] of the rank that owns those rows;
+  // 3. after one cluster barrier every rank sums recv[0..split) in rank order (deterministic),
+  //    applies the epilogue and stores its rows.
+  constexpr int kPartLd = kRows + 4;  // floats; (2 * kPartLd) % 32 == 8: fragment stores conflict-free
+  constexpr int kPart = kCols * kPartLd;
+  float* part = tile;                         // [kKWarps][kCols][kPartLd]
+  float* recv = tile + kKWarps * kPart;       // [split][rows per rank][kPartLd]
+  __syncthreads();
+#pragma unroll
+  for (int t = 0; t < MT; ++t) {
+    float* base = part + kw * kPart + (t * 8 + 2 * q) * kPartLd + rg * 16 + g;
+    base[0] = acc[t][0];
+    base[kPartLd] = acc[t][1];
+    base[8] = acc[t][2];
+    base[kPartLd + 8] = acc[t][3];
+  }
+  __syncthreads();
+
+  const int rows_per_rank = (p.m + split - 1) / split;  // X rows each rank finishes
+  constexpr int kVec = kRows / 4;                        // float4 per row
+  for (int i = threadIdx.x; i < p.m * kVec; i += kWarps * 32) {
+    const int m = i / kVec, v4 = (i - m * kVec) * 4;
+    float4 sum = *reinterpret_cast<const float4*>(part + m * kPartLd + v4);
+#pragma unroll
+    for (int w = 1; w < kKWarps; ++w) {
+      const float4 o = *reinterpret_cast<const float4*>(part + w * kPart + m * kPartLd + v4);
+      sum.x += o.x; sum.y += o.y; sum.z += o.z; sum.w += o.w;
     }
+    const int owner = m / rows_per_rank;
+    float* dst = recv + (rank * rows_per_rank + (m - owner * rows_per_rank)) * kPartLd + v4;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (split > 1) dst = cluster.map_shared_rank(dst, owner);
+#endif
+    *reinterpret_cast<float4*>(dst) = sum;
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (split > 1) {
+    cluster.sync();  // every push has landed
+  } else {
     __syncthreads();
   }
-
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (split > 1) cluster.sync();  // every block's tile is complete and visible cluster-wide
+#else
+  __syncthreads();
 #endif
 
   float alpha = p.alpha;
@@ -217,36 +303,48 @@ __global__ void __launch_bounds__(kWarps * 32, MT >= 8 ? 1 : 2) skinny_gemm_kern
     if (p.x_scale) alpha *= __ldg(p.x_scale);
     if (p.w_scale) alpha *= __ldg(p.w_scale);
   }
-
-  // Each rank finishes a slice of the tile: sum over ranks in rank order, epilogue, store.
-  // Element e -> (x row m, W row r), r fastest so stores along N coalesce.
-  const int n_elems = p.m * kRows;
-  const int per_rank = (n_elems + split - 1) / split;
-  const int e_end = min(n_elems, (rank + 1) * per_rank);
-  for (int e = rank * per_rank + threadIdx.x; e < e_end; e += blockDim.x) {
-    const int m = e / kRows, r = e - m * kRows;
-    const int n = n0 + r;
+  const int m_lo = rank * rows_per_rank, m_hi = min(p.m, m_lo + rows_per_rank);
+  const bool vec_ok = (p.n & 3) == 0;
+  for (int i = threadIdx.x; i < (m_hi - m_lo) * kVec; i += kWarps * 32) {
+    const int ml = i / kVec, v4 = (i - ml * kVec) * 4;
+    const int m = m_lo + ml, n = n0 + v4;
     if (n >= p.n) continue;
-    float v = 0.0f;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if (split > 1) {
-      for (int s = 0; s < split; ++s) v += cluster.map_shared_rank(tile, s)[r * kLd + m];
-    } else {
-      v = tile[r * kLd + m];
+    float4 sum = *reinterpret_cast<const float4*>(recv + ml * kPartLd + v4);
+    for (int s = 1; s < split; ++s) {
+      const float4 o = *reinterpret_cast<const float4*>(recv + (s * rows_per_rank + ml) * kPartLd + v4);
+      sum.x += o.x; sum.y += o.y; sum.z += o.z; sum.w += o.w;
     }
-#else
-    v = tile[r * kLd + m];
-#endif
-    v *= alpha;
-    if (p.bias) v += __bfloat162float(p.bias[n]);
+    float v[4] = {sum.x * alpha, sum.y * alpha, sum.z * alpha, sum.w * alpha};
     const int64_t o = int64_t(m) * p.n + n;
-    if (p.residual) v += __bfloat162float(p.residual[o]);
-    p.y[o] = __float2bfloat16_rn(v);
+    if (vec_ok && n + 3 < p.n) {
+      if (p.bias) {
+        const uint2 braw = *reinterpret_cast<const uint2*>(p.bias + n);
+        const auto* bh = reinterpret_cast<const __nv_bfloat162*>(&braw);
+        const float2 b0 = __bfloat1622float2(bh[0]), b1 = __bfloat1622float2(bh[1]);
+        v[0] += b0.x; v[1] += b0.y; v[2] += b1.x; v[3] += b1.y;
+      }
+      if (p.residual) {
+        const uint2 rraw = *reinterpret_cast<const uint2*>(p.residual + o);
+        const auto* rh = reinterpret_cast<const __nv_bfloat162*>(&rraw);
+        const float2 r0 = __bfloat1622float2(rh[0]), r1 = __bfloat1622float2(rh[1]);
+        v[0] += r0.x; v[1] += r0.y; v[2] += r1.x; v[3] += r1.y;
+      }
+      uint2 out;
+      auto* oh = reinterpret_cast<__nv_bfloat162*>(&out);
+      oh[0] = __floats2bfloat162_rn(v[0], v[1]);
+      oh[1] = __floats2bfloat162_rn(v[2], v[3]);
+      *reinterpret_cast<uint2*>(p.y + o) = out;
+    } else {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (n + j >= p.n) break;
+        float x = v[j];
+        if (p.bias) x += __bfloat162float(p.bias[n + j]);
+        if (p.residual) x += __bfloat162float(p.residual[o + j]);
+        p.y[o + j] = __float2bfloat16_rn(x);
+      }
+    }
   }
-
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (split > 1) cluster.sync();  // keep this block's tile alive until every rank has read it
-#endif
 }
 
 }  // namespace skinny
@@ -269,7 +367,8 @@ inline cudaError_t skinny_gemm_launch_mt(const SkinnyGemmParams& p, int split, b
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(unsigned(ceil_div(p.n, skinny::kRows)), unsigned(split), 1);
   cfg.blockDim = dim3(skinny::kWarps * 32, 1, 1);
-  cfg.dynamicSmemBytes = 0;
+  constexpr int kSmem = skinny::smem_bytes<MT, FP8>();
+  cfg.dynamicSmemBytes = kSmem;
   cfg.stream = stream;
   cudaLaunchAttribute attr[2];
   int n_attr = 0;
@@ -287,7 +386,13 @@ inline cudaError_t skinny_gemm_launch_mt(const SkinnyGemmParams& p, int split, b
   }
   cfg.attrs = attr;
   cfg.numAttrs = n_attr;
-  static bool non_portable_set = false;  // a function attribute: set once, not on every launch
+  static bool smem_set = false;  // function attributes: set once, not on every launch
+  if (kSmem > 48 * 1024 && !smem_set) {
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    if (err != cudaSuccess) return err;
+    smem_set = true;
+  }
+  static bool non_portable_set = false;
   if (split > 8 && !non_portable_set) {
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
     if (err != cudaSuccess) return err;
@@ -323,9 +428,13 @@ inline cudaError_t skinny_device_info(SkinnyDeviceInfo* info) {
     if (d.clusters) {
       // Largest cluster split the device accepts for this kernel (16 needs the non-portable opt-in).
       d.max_cluster = 8;
+      // Probed with the largest variant (one block per SM, the most shared memory).
       auto kernel = skinny::skinny_gemm_kernel<8, false>;
-      if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess) {
+      constexpr int kSmem = skinny::smem_bytes<8, false>();
+      if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess &&
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem) == cudaSuccess) {
         cudaLaunchConfig_t cfg = {};
+        cfg.dynamicSmemBytes = kSmem;
         cfg.gridDim = dim3(1, 16, 1);
         cfg.blockDim = dim3(skinny::kWarps * 32, 1, 1);
         cudaLaunchAttribute attr[1];
@@ -361,7 +470,9 @@ inline cudaError_t skinny_gemm_launch(const SkinnyGemmParams& p, int split, cuda
   }
   if (split > 1 && (!info.clusters || split > skinny::kMaxSplit || (split & (split - 1)) != 0))
     return cudaErrorInvalidValue;
-  const bool pdl = p.pdl && info.cc >= 90;
+  static const int dbg = getenv("FLASHRT_SKINNY_DEBUG") ? atoi(getenv("FLASHRT_SKINNY_DEBUG")) : 0;
+  const_cast<SkinnyGemmParams&>(p).debug = dbg;
+  const bool pdl = p.pdl && info.cc >= 90 && !(dbg & 32);
   // MT = n-tiles of 8 rows of X: 1, 2, 7 (the action expert's 50 / 51 rows), 8.
   if (p.fp8) {
     if (p.m <= 8) return skinny_gemm_launch_mt<1, true>(p, split, pdl, stream);

@@ -59,6 +59,17 @@ TIED_WEIGHTS = {"paligemma_with_expert.paligemma.model.language_model.embed_toke
 # openpi's token budgets (Pi0Config.max_token_len): used where the format does not say.
 DEFAULT_MAX_TOKEN_LEN = {"pi05": 200, "pi0": 48}
 IMAGES_PREFIX = "observation.images."
+# PiConfig field <- the config.json keys that state it (for a JAX checkpoint's optional config).
+JAX_CONFIG_OVERRIDES = {
+    "paligemma": ("paligemma_dims", "paligemma_variant"),
+    "expert": ("action_expert_dims", "action_expert_variant"),
+    "vision": ("vision_dims", "vision_variant"),
+    "action_dim": ("action_dim",),
+    "action_horizon": ("action_horizon",),
+    "max_state_dim": ("max_state_dim", "action_dim"),
+    "max_token_len": ("max_token_len",),
+    "num_steps": ("num_steps",),
+}
 STATE_FEATURE = "observation.state"
 ACTION_FEATURE = "action"
 
@@ -116,6 +127,11 @@ def detect_format(path: str | Path) -> str:
         return "openpi-jax"
     has_weights = (directory / WEIGHTS_FILE).is_file() or (directory / WEIGHTS_INDEX).is_file()
     config_path = directory / "config.json"
+    if not has_weights and (directory / "params").is_dir():
+        raise CheckpointError(
+            f"{directory / 'params'} holds no orbax checkpoint (no _METADATA / manifest.ocdbt); the openpi JAX "
+            f"checkpoint is incomplete. Found in it: {_listing(directory / 'params')}"
+        )
     if not has_weights:
         raise CheckpointError(
             f"no weights in {directory}: expected {WEIGHTS_FILE} (lerobot or openpi PyTorch) or an orbax "
@@ -135,79 +151,39 @@ def detect_format(path: str | Path) -> str:
 
 
 # -- tensor sources -----------------------------------------------------------------------------
-class _SafetensorsSource:
-    """Tensors of one or several safetensors files, names optionally stripped of a prefix.
+class _Tensors:
+    """The view this module reads through: names (openpi-PyTorch), shape/dtype, read, tied aliases.
 
-    Kept small on purpose: this is where flash_rt.executors' SafetensorsSource slots in. The header
-    is parsed here (not by safetensors) so that a truncated file is reported before any read.
+    Wraps a ``flash_rt.executors`` weight source (safetensors: headers checked up front, so a
+    truncated file is reported before any read; tensors read one at a time).
     """
 
-    _DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
-               "I32": "int32", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn"}
-
-    def __init__(self, files: list[Path], strip_prefix: str):
-        self._files = files
-        self._handles: dict[int, Any] = {}
-        self._where: dict[str, tuple[int, str]] = {}
-        self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
-        for index, file in enumerate(files):
-            for raw, (shape, dtype) in self._header(file).items():
-                name = raw[len(strip_prefix):] if strip_prefix and raw.startswith(strip_prefix) else raw
-                self._where[name] = (index, raw)
-                self._meta[name] = (shape, self._DTYPES.get(dtype, dtype))
-
-    @staticmethod
-    def _header(file: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-        size = file.stat().st_size
-        try:
-            with file.open("rb") as f:
-                header_len = int.from_bytes(f.read(8), "little")
-                if size < 8 or header_len > size - 8:
-                    raise ValueError(f"{size} bytes on disk, the header alone needs {8 + header_len}")
-                header = json.loads(f.read(header_len))
-            entries = {k: v for k, v in header.items() if k != "__metadata__"}
-            data_end = max((int(v["data_offsets"][1]) for v in entries.values()), default=0)
-            if size < 8 + header_len + data_end:
-                raise ValueError(f"{size} bytes on disk, its header describes {8 + header_len + data_end}")
-            return {k: (tuple(int(d) for d in v["shape"]), str(v["dtype"])) for k, v in entries.items()}
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(
-                f"{file} is truncated or not a safetensors file ({exc}); download or write it again"
-            ) from exc
+    def __init__(self, source):
+        self._source = source
+        self._aliases: dict[str, str] = {}
 
     def alias(self, name: str, existing: str) -> None:
         """Make ``name`` read the tensor stored as ``existing`` (a tied weight saved once)."""
-        self._where[name] = self._where[existing]
-        self._meta[name] = self._meta[existing]
+        self._aliases[name] = existing
 
     def names(self) -> list[str]:
-        return list(self._meta)
+        return [*self._source.keys(), *self._aliases]
 
     def meta(self, name: str) -> tuple[tuple[int, ...], str]:
-        return self._meta[name]
+        meta = self._source.meta(self._aliases.get(name, name))
+        return tuple(meta.shape), str(meta.dtype)
 
     def read(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open  # noqa: PLC0415
-
-        index, raw = self._where[name]
-        if index not in self._handles:
-            self._handles[index] = safe_open(str(self._files[index]), framework="pt")
-        return self._handles[index].get_tensor(raw)
+        return self._source.read(self._aliases.get(name, name))
 
 
-def _safetensors_source(directory: Path, strip_prefix: str) -> _SafetensorsSource:
-    index_path = directory / WEIGHTS_INDEX
-    if (directory / WEIGHTS_FILE).is_file():
-        files = [directory / WEIGHTS_FILE]
-    elif index_path.is_file():
-        weight_map = _read_json(index_path).get("weight_map", {})
-        files = [directory / f for f in sorted(set(weight_map.values()))]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise CheckpointError(f"{index_path} names shards that are missing: {missing}")
-    else:
-        raise CheckpointError(f"no {WEIGHTS_FILE} in {directory}; found: {_listing(directory)}")
-    source = _SafetensorsSource(files, strip_prefix)
+def _safetensors_source(directory: Path, strip_prefix: str) -> _Tensors:
+    from flash_rt.executors.torch_weights import SafetensorsSource  # noqa: PLC0415
+
+    single = directory / WEIGHTS_FILE
+    # Name the file when there is one: a lerobot directory also holds the processors' stats files.
+    source = _Tensors(SafetensorsSource(single if single.is_file() else directory,
+                                        strip_prefix=strip_prefix or None))
     # safetensors' save_model keeps one name of a tied pair - for PaliGemma the LM head, not the
     # embedding. The embedding is then read from the head.
     names = set(source.names())
@@ -425,11 +401,16 @@ def load_pi_checkpoint(
         source, declared = pi_jax.open_params(root / "params")
         model_type = model_type_of(source.names(), str(root))
         check_model_type(model_type, expected_type, str(root))
+        # No config in a JAX checkpoint: dims come from the array shapes. An optional config.json
+        # (openpi-PyTorch form) beside params/ overrides what it states (horizon, token budget, dims).
+        config = pi_jax.infer_config(source, model_type, declared)
         config_path = root / "config.json"
         if config_path.is_file():
-            config = openpi_config(_read_json(config_path), model_type, str(config_path))
-        else:
-            config = pi_jax.infer_config(source, model_type, declared)
+            raw = _read_json(config_path)
+            stated = openpi_config(raw, model_type, str(config_path))
+            overrides = {field: getattr(stated, field) for field, keys in JAX_CONFIG_OVERRIDES.items()
+                         if any(k in raw for k in keys)}
+            config = replace(config, **overrides)
         norm_stats = _norm_stats_openpi(root, model_type, asset_id)
         directory = root
     elif fmt == "lerobot":

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import shutil
 import zlib
-from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,6 +42,7 @@ MODEL_TYPES = ("pi05", "pi0")
 OPENPI_ASSET_ID = "flashrt_random"
 ROBOT_STATE_DIM = 8  # the stand-in robot: 8 state dims, 7 action dims (below the padded 32)
 ROBOT_ACTION_DIM = 7
+RANDOM_CHUNK = 1 << 22  # elements drawn at a time (16 MB of fp32)
 
 # Small enough for a 2-core CPU, large enough to keep every structural feature: expert width
 # different from the LLM width, MQA (1 KV head), 8 heads (lerobot hard-codes 8), several layers.
@@ -92,52 +92,19 @@ def random_tensor(tensor: ExpectedTensor, seed: int, dtype=None) -> torch.Tensor
 
     generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(tensor.name.encode())) % 2**63)
     mean, std = _init_scale(tensor)
-    value = torch.randn(tensor.shape, generator=generator, dtype=torch.float32) * std + mean
-    return value if dtype is None else value.to(dtype)
+    # Drawn in fixed-size fp32 chunks straight into the target dtype: the values depend only on
+    # (seed, name, shape), and a bf16 embedding never passes through a full fp32 copy.
+    out = torch.empty(tensor.shape, dtype=torch.float32 if dtype is None else dtype)
+    flat = out.view(-1)
+    for start in range(0, flat.numel(), RANDOM_CHUNK):
+        n = min(RANDOM_CHUNK, flat.numel() - start)
+        flat[start:start + n] = torch.randn(n, generator=generator, dtype=torch.float32) * std + mean
+    return out
 
 
 def random_state_dict(config: PiConfig, seed: int = 0, dtype=None) -> dict[str, torch.Tensor]:
     """The whole model in memory (for tiny configs and tests); openpi-PyTorch names."""
     return {t.name: random_tensor(t, seed, dtype) for t in expected_tensors(config)}
-
-
-# -- streaming safetensors ----------------------------------------------------------------------
-_ST_DTYPES = {"float32": ("F32", 4), "bfloat16": ("BF16", 2), "float16": ("F16", 2)}
-
-
-def write_safetensors_streaming(path: Path, entries: list[tuple[str, tuple[int, ...], str]],
-                                produce: Iterator[torch.Tensor], metadata: dict | None = None) -> None:
-    """Write a safetensors file whose tensors come one at a time from ``produce``, in ``entries`` order.
-
-    The header (names, dtypes, shapes, offsets) is known up front, so only one tensor is ever held.
-    """
-    header: dict = {"__metadata__": metadata or {"format": "pt"}}
-    offset = 0
-    for name, shape, dtype in entries:
-        code, width = _ST_DTYPES[dtype]
-        n = int(np.prod(shape)) * width
-        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # keep the data 8-byte aligned
-    tmp = path.with_suffix(path.suffix + ".partial")
-    with tmp.open("wb") as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
-        for (name, shape, dtype), value in zip(entries, produce, strict=True):
-            if tuple(value.shape) != tuple(shape) or str(value.dtype).removeprefix("torch.") != dtype:
-                raise RuntimeError(f"{name}: produced {tuple(value.shape)} {value.dtype}, header says {shape} {dtype}")
-            f.write(_tensor_bytes(value))
-    tmp.replace(path)
-
-
-def _tensor_bytes(value: torch.Tensor) -> bytes:
-    import torch  # noqa: PLC0415
-
-    value = value.contiguous().cpu()
-    if value.dtype == torch.bfloat16:
-        return value.view(torch.int16).numpy().tobytes()
-    return value.numpy().tobytes()
 
 
 # -- formats ------------------------------------------------------------------------------------
@@ -230,7 +197,11 @@ def _write_torch_weights(out: Path, config: PiConfig, fmt: str, size: str, seed:
         for _, t in extra:
             yield random_tensor(t, seed, getattr(torch, _storage_dtype(t, fmt, size)))
 
-    write_safetensors_streaming(out / "model.safetensors", entries, produce())
+    from flash_rt.executors.torch_weights import write_safetensors  # noqa: PLC0415
+
+    layout = [(name, shape, getattr(torch, dtype)) for name, shape, dtype in entries]
+    write_safetensors(out / "model.safetensors", zip([n for n, _, _ in entries], produce(), strict=True),
+                      layout=layout)
 
 
 def _random_stats(config: PiConfig, seed: int):
