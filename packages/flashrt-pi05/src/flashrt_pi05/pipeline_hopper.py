@@ -569,9 +569,10 @@ class PaliGemmaHopperPipeline:
         start = time.perf_counter()
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
-        with self._on_stream(), self._attention_backends():
+        with self._on_stream():
             try:
-                fn()  # warm-up outside capture: lazy cuBLAS / cuDNN initialisation, workspaces, GEMM tuning
+                with self._attention_backends():
+                    fn()  # warm-up outside capture: lazy cuBLAS / cuDNN initialisation, workspaces, GEMM tuning
                 torch.cuda.current_stream().synchronize()
             except Exception as exc:
                 if self.ops.name == "torch":
@@ -580,13 +581,29 @@ class PaliGemmaHopperPipeline:
                 fn = self.stage_fn(bucket, kind)
                 fn()
                 torch.cuda.current_stream().synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._graph_pool, stream=torch.cuda.current_stream()):
-                fn()
-            torch.cuda.current_stream().synchronize()
+            try:
+                graph = self._capture_graph(fn)
+            except Exception as exc:  # one retry, with what is known to capture
+                if self.ops.name != "torch":
+                    self._fall_back_to_torch_ops(exc)
+                    fn = self.stage_fn(bucket, kind)
+                    fn()
+                elif self._sdpa_backends:  # an autotuned SDPA backend that runs eagerly but not captured
+                    self._sdpa_backends = None
+                else:
+                    raise
+                graph = self._capture_graph(fn)
         bucket.graphs[kind] = graph
         bucket.capture_s[kind] = time.perf_counter() - start
         self.captures += 1
+        return graph
+
+    def _capture_graph(self, fn):
+        graph = torch.cuda.CUDAGraph()
+        with self._attention_backends(), torch.cuda.graph(graph, pool=self._graph_pool,
+                                                          stream=torch.cuda.current_stream()):
+            fn()
+        torch.cuda.current_stream().synchronize()
         return graph
 
     def _fall_back_to_torch_ops(self, exc: Exception):
