@@ -11,8 +11,8 @@ SCRIPT = textwrap.dedent(
     assert "torch" not in sys.modules, "import flash_rt pulled in torch"
     failed = []
     for info in pkgutil.walk_packages(flash_rt.__path__, "flash_rt."):
-        if info.name in ("flash_rt.flash_rt_kernels",):
-            continue  # raises ImportError without flashrt-kernels, by design
+        if info.name in ("flash_rt.flash_rt_kernels", "flash_rt.flash_rt_fa2"):
+            continue  # raise ImportError without flashrt-kernels, by design
         try:
             importlib.import_module(info.name)
         except ImportError as exc:
