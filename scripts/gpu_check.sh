@@ -4,8 +4,14 @@
 #   over packages/, run the kernel benchmark, print a short summary LAST.
 # Results and logs go to $OUT (default ./gpu_out). Pure-Python deps missing on the machine are
 # installed from ./wheelhouse (made here by scripts/make_wheelhouse.sh; carry it along).
+#
+#   bash scripts/gpu_check.sh           kernels: build, every `-m gpu` test except the true-size
+#                                       model tests, the kernel benchmark (~3 min)
+#   bash scripts/gpu_check.sh models    build, the true-size Pi0.5 / Pi0 GPU tests, `flashrt bench`
+#                                       for Pi0.5 and Pi0 (~8 min; its own device call)
 set -uo pipefail
 cd "$(dirname "$0")/.."
+MODE="${1:-kernels}"
 ROOT=$PWD
 # Logs go to a work folder; at the end only the summary, the JSON results and one tarball of the
 # logs are put in $OUT (the device tool returns a limited number of files).
@@ -24,7 +30,7 @@ export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
 # One overall budget (the device call allows ~420 s): each stage gets at most its own limit and
 # never eats the time the later stages and the summary need.
 START=$(date +%s)
-BUDGET="${GPU_CHECK_BUDGET:-400}"
+BUDGET="${GPU_CHECK_BUDGET:-$([ "$MODE" = models ] && echo 560 || echo 400)}"
 limit() {  # limit <stage max> <seconds to keep for later stages>
   local left=$(( BUDGET - ($(date +%s) - START) - $2 ))
   [ "$left" -gt "$1" ] && left=$1
@@ -89,6 +95,42 @@ grep -E "spill|Used [0-9]+ registers" "$OUT/build_kernels.log" > "$OUT/ptxas.txt
 (cd /tmp && $PY -c "import flashrt_kernels as fk; print('flashrt_kernels', fk.__version__, fk.built_archs(), 'devices', fk.device_count())") \
   > "$OUT/import.txt" 2>&1
 
+# 3m. true-size model tests and benchmarks (the product's proof: correctness vs the fp32
+#     reference per view count and precision, then the speed of record)
+run_models() {
+  t0=$(stamp)
+  T_MT=$(limit 240 300)
+  FLASHRT_GPU_REPORT=$OUT/hopper_gpu.jsonl timeout "$T_MT" $PY -m pytest -m gpu -s -q -rfEs -p no:cacheprovider \
+    packages/flashrt-pi05/tests/test_hopper_gpu.py --junitxml="$OUT/pytest_hopper_gpu.xml" > "$OUT/pytest_hopper_gpu.log" 2>&1
+  mt_rc=$?
+  mt_line=$(grep -E "(passed|failed|error|skipped|no tests ran)" "$OUT/pytest_hopper_gpu.log" | tail -1)
+  t1=$(stamp)
+  T_B5=$(limit 200 100)
+  timeout "$T_B5" $PY -m flash_rt.cli bench --config pi05 --views 1,2,3 --precision fp8,bf16 --compile none \
+    --out "$OUT/pi05.json" --plot > "$OUT/bench_pi05.log" 2>&1
+  b5_rc=$?
+  T_B0=$(limit 120 5)
+  timeout "$T_B0" $PY -m flash_rt.cli bench --config pi0 --views 1,2,3 --precision fp8,bf16 --compile none \
+    --out "$OUT/pi0.json" > "$OUT/bench_pi0.log" 2>&1
+  b0_rc=$?
+  t2=$(stamp)
+  echo
+  echo "==================== gpu_check models summary ($(date -u +%FT%TZ)) ===================="
+  say "device:  $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
+  say "build:   $build_msg"
+  say "model gpu tests: rc=$mt_rc in $((t1 - t0)) s: $mt_line"
+  grep -E "^(FAILED|ERROR)" "$OUT/pytest_hopper_gpu.log" | head -20 | cut -c1-240 | tee -a "$SUMMARY"
+  grep -hE "cos|cosine" "$OUT/pytest_hopper_gpu.log" | head -24 | cut -c1-200 | tee -a "$SUMMARY"
+  say "bench pi05: rc=$b5_rc; bench pi0: rc=$b0_rc (in $((t2 - t1)) s)"
+  tail -18 "$OUT/bench_pi05.log" | tee -a "$SUMMARY"
+  tail -14 "$OUT/bench_pi0.log" | tee -a "$SUMMARY"
+  [ $build_rc -eq 0 ] && [ $mt_rc -eq 0 ] && [ $b5_rc -eq 0 ] && [ $b0_rc -eq 0 ]
+}
+if [ "$MODE" = models ]; then
+  run_models
+  exit $?
+fi
+
 # 3. GPU tests: each kernel test file in its own process (a device fault in one cannot take the
 #    others down), then every other package's gpu tests.
 t0=$(stamp)
@@ -109,7 +151,8 @@ done
 cat "$OUT"/pytest_test_kernels_gpu_*.log > "$OUT/pytest_gpu_kernels.log"
 t1=$(stamp)
 T_OTHER=$(limit 60 95)
-timeout "$T_OTHER" $PY -m pytest -m gpu packages --ignore=packages/flashrt-kernels -q -rfEs -p no:cacheprovider \
+timeout "$T_OTHER" $PY -m pytest -m gpu packages --ignore=packages/flashrt-kernels \
+  --ignore=packages/flashrt-pi05/tests/test_hopper_gpu.py -q -rfEs -p no:cacheprovider \
   --junitxml="$OUT/pytest_gpu_other.xml" > "$OUT/pytest_gpu_other.log" 2>&1
 other_rc=$?
 [ $other_rc -eq 5 ] && other_rc=0  # no gpu tests collected there yet
