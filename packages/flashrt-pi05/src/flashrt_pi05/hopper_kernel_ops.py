@@ -47,6 +47,8 @@ class KernelOps(TorchOps):
         lse, acc = flashrt_kernels.attention_splitkv_sizes(1, SKINNY_MAX_M, 16, 256)
         self.lse_accum = torch.empty(lse, dtype=torch.float32, device=device)
         self.o_accum = torch.empty(acc, dtype=torch.float32, device=device)
+        self._skinny_choice: dict[tuple, bool] = {}
+        self.gemm_choices: dict[tuple, dict[str, float]] = {}  # measured shapes, for the bench report
 
     @staticmethod
     def _stream() -> int:
@@ -75,15 +77,36 @@ class KernelOps(TorchOps):
         out = torch.empty((m, n), dtype=torch.bfloat16, device=h.device)
         dtype = "fp8" if lin.fp8 else "bf16"
         scales = dict(x_scale=_ptr(lin.act_scale), w_scale=_ptr(lin.weight_scale)) if lin.fp8 else {}
-        if m <= SKINNY_MAX_M and act is None:
+
+        def skinny():
             self.fk.skinny_gemm(h.data_ptr(), lin.weight.data_ptr(), out.data_ptr(), m, n, k, bias=_ptr(lin.bias),
                                 dtype=dtype, stream=self._stream(), **scales)
-        else:
+
+        def cublaslt():
             self.fk.gemm(h.data_ptr(), lin.weight.data_ptr(), out.data_ptr(), m, n, k,
                          workspace=self.workspace.data_ptr(), workspace_size=WORKSPACE_BYTES, dtype=dtype,
                          bias=_ptr(lin.bias), epilogue="gelu_tanh" if act == "gelu_tanh" else "none",
                          autotune=self.autotune, stream=self._stream(), **scales)
+
+        if m <= SKINNY_MAX_M and act is None and self._skinny_is_faster((m, n, k, dtype), skinny, cublaslt):
+            skinny()
+        else:
+            cublaslt()
         return out if out_for is None else self.to_input_of(out, out_for)
+
+    def _skinny_is_faster(self, shape, skinny, cublaslt) -> bool:
+        """Which GEMM serves a skinny shape: measured once per shape (autotune >= 3) on the real
+        operands, outside graph capture; the weight-streaming kernel is not faster than cuBLASLt
+        on every shape and card, so neither is assumed."""
+        choice = self._skinny_choice.get(shape)
+        if choice is not None:
+            return choice
+        if self.autotune < 3 or torch.cuda.is_current_stream_capturing():
+            return self._skinny_choice.setdefault(shape, self.autotune < 3)
+        times = [_median_us(fn) for fn in (skinny, cublaslt)]
+        self._skinny_choice[shape] = times[0] <= times[1]
+        self.gemm_choices[shape] = {"skinny_us": times[0], "cublaslt_us": times[1]}
+        return self._skinny_choice[shape]
 
     # norms -------------------------------------------------------------------------------------
     def _norm_out(self, x, lin):
@@ -153,6 +176,10 @@ class KernelOps(TorchOps):
         s, hkv, _ = k.shape
         out = torch.empty((t, h * d), dtype=torch.bfloat16, device=q.device)
         split = t <= SKINNY_MAX_M and h <= 16  # few queries against a long cache: split the keys
+        if hkv == 1 and q.is_contiguous():
+            # MQA: every query head reads the same K/V, so fold the heads into rows ([t, h, d] is
+            # [t * h, 1, d] in memory). One pass over K/V serves all heads instead of one per head.
+            t, h = t * h, 1
         self.fk.attention(
             q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), batch=1, seqlen_q=t, seqlen_k=s,
             num_heads_q=h, num_heads_kv=hkv, head_dim=d, q_strides=(t * h * d, h * d, d),
@@ -177,6 +204,20 @@ class KernelOps(TorchOps):
             dtype="bf16", num_splits=1, stream=self._stream(),
         )
         return out
+
+
+def _median_us(fn, reps: int = 15) -> float:
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return sorted(times)[reps // 2]
 
 
 def kernels_available(device) -> tuple[bool, str]:
