@@ -68,7 +68,7 @@ def _config(model_type):
                     action_horizon=10, max_token_len=24)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+@pytest.mark.parametrize("precision", ["bf16", "fp8", "fp8-all"])  # fp8: the model's bf16 keep list; fp8-all: none
 @pytest.mark.parametrize("model_type", ["pi05", "pi0"])
 def test_pipeline_calls_pass_the_kernels_argument_checks(stub_kernels, model_type, precision):
     from flash_rt.models.pi_random_weights import random_state_dict
@@ -80,12 +80,14 @@ def test_pipeline_calls_pass_the_kernels_argument_checks(stub_kernels, model_typ
         from flashrt_pi0.pipeline_hopper import Pi0HopperPipeline as cls
     config = _config(model_type)
     ops = hko.KernelOps(torch.bfloat16, torch.device("cpu"))
-    pipe = cls(random_state_dict(config, seed=0), config, num_views=2, use_fp8=precision == "fp8",
-               act_dtype=torch.bfloat16, ops=ops)
+    keep = () if precision == "fp8-all" else None
+    pipe = cls(random_state_dict(config, seed=0), config, num_views=2, use_fp8=precision != "bf16",
+               act_dtype=torch.bfloat16, ops=ops, fp8_keep_bf16=keep)
+    assert bool(pipe.fp8_linears()) == (precision != "bf16")
     bucket = pipe.set_prompt_tokens(list(range(2, 12)))
     pipe.load_inputs(torch.randint(0, 256, (2, 112, 112, 3), dtype=torch.uint8), torch.randn(10, 32),
                      None if model_type == "pi05" else torch.randn(32))
-    if precision == "fp8":
+    if precision != "bf16":
         pipe.calibrate_current()  # the calibration pass runs the torch path: no kernel calls
         assert not any(k in stub.calls for k in ("gemm", "skinny_gemm", "norm"))
     pipe.run_all(bucket)
@@ -97,7 +99,10 @@ def test_pipeline_calls_pass_the_kernels_argument_checks(stub_kernels, model_typ
     assert calls["rope_qkv"] >= config.paligemma.depth + depth * steps
     assert calls["attention"] >= config.vision.depth + config.paligemma.depth - 1 + depth * steps
     assert calls["norm"] >= 2 * config.vision.depth + 2 * depth * steps
-    assert (calls["quantize_fp8"] > 0) == (precision == "fp8")
+    # a standalone quantisation runs only where an FP8 GEMM's input comes from no fused producer
+    # (Pi0's action tokens, with everything FP8)
+    if precision != "fp8":
+        assert (calls["quantize_fp8"] > 0) == (precision == "fp8-all")
 
 
 def test_self_check_calls_pass_the_argument_checks(stub_kernels, monkeypatch):

@@ -28,6 +28,11 @@ class Pi05HopperPipeline(PaliGemmaHopperPipeline):
     """Pi0.5: suffix = action_in_proj(x_t); every expert norm is adaRMS conditioned on t, with
     gated residuals; the (scale, shift, gate) of all steps are computed once at load."""
 
+    # bf16 under use_fp8 (docs/calibration.md "Which GEMMs run FP8"): SigLIP (27 layers of
+    # compounding error before any residual), the prefix's qkv (it writes the KV cache every
+    # denoise step reads) and o (small). The gated expert damps its own FP8 error: it stays FP8.
+    fp8_keep_bf16 = ("vision.*", "llm.*.qkv", "llm.*.o")
+
     def _expert_norm_weight(self, sd, key):
         return None
 

@@ -24,6 +24,7 @@ suffix (flashrt_pi05.pipeline_hopper, flashrt_pi0.pipeline_hopper). Imports torc
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import time
 import warnings
@@ -102,6 +103,10 @@ class PaliGemmaHopperPipeline:
     expert layer loop, buckets, graphs, FP8 calibration. Subclasses define the suffix."""
 
     suffix_extra_tokens = 0  # Pi0: its state token sits between the prefix and the actions
+    # With use_fp8: the GEMMs (patterns over Linear names, fnmatch: "vision.*", "llm.*.qkv") that
+    # stay bf16 because FP8's error enters the result there undiluted; data, set per model.
+    # Measured and argued in docs/calibration.md ("Which GEMMs run FP8").
+    fp8_keep_bf16: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -119,8 +124,11 @@ class PaliGemmaHopperPipeline:
         ops="auto",
         use_graphs: bool | None = None,
         attention_backend=None,
+        fp8_keep_bf16=None,
     ):
         self.config = config
+        if fp8_keep_bf16 is not None:  # None: the model's list
+            self.fp8_keep_bf16 = tuple(str(p) for p in fp8_keep_bf16)
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.is_cuda = self.device.type == "cuda"
         self.act_dtype = act_dtype or (torch.bfloat16 if self.is_cuda else torch.float32)
@@ -157,6 +165,7 @@ class PaliGemmaHopperPipeline:
             self._prepare_expert(sd)
             self._prepare_suffix(sd)
         sd.check_consumed()
+        self._check_fp8_keep_bf16()
         self._allocate_buffers()
 
         self.buckets: dict[int, Bucket] = {}
@@ -172,8 +181,22 @@ class PaliGemmaHopperPipeline:
     def _lin(self, name, weight, bias=None, *, fp8=True, dtype=None) -> Linear:
         return make_linear(
             name, weight, bias, act_dtype=dtype or self.act_dtype, device=self.device,
-            fp8=fp8 and self.use_fp8 and dtype is None,
+            fp8=fp8 and self.use_fp8 and dtype is None and not self.keeps_bf16(name),
         )
+
+    def keeps_bf16(self, name: str) -> bool:
+        """Whether the GEMM ``name`` stays bf16 under use_fp8 (``fp8_keep_bf16``)."""
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.fp8_keep_bf16)
+
+    def _check_fp8_keep_bf16(self):
+        """A pattern that matches no GEMM is a typo that would silently leave layers in FP8."""
+        names = [lin.name for lin in self._all_linears()]
+        unused = [p for p in self.fp8_keep_bf16 if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+        if unused:
+            raise ConfigError(
+                f"fp8_keep_bf16 patterns {unused} match no GEMM of this pipeline; GEMM names look like "
+                f"{names[:2]} ... {names[-2:]} (fnmatch patterns, e.g. 'vision.*', 'llm.*.qkv')"
+            )
 
     def _prepare_vision(self, sd):
         v = self.config.vision

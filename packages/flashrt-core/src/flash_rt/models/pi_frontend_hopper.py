@@ -87,6 +87,8 @@ class PiTorchFrontendHopperBase:
             device=self.device, vision_pool_factor=vision_pool_factor, vision_num_layers=vision_num_layers, ops=ops,
         )
         del ckpt
+        # which GEMMs run FP8 is part of what the activation scales belong to
+        self.options["fp8_keep_bf16"] = sorted(self.pipeline.fp8_keep_bf16) if use_fp8 else []
         from flash_rt.models.pi_preprocess import PiInputs  # noqa: PLC0415
 
         # the model-independent IO (state normalisation, prompt format, noise, actions) is shared
