@@ -142,12 +142,13 @@ __device__ __forceinline__ void allow_dependents() {
 #endif
 }
 
-// Streams W past the SM: no reuse, so keep it out of L1. Not volatile: the compiler may hoist a
-// whole stage of these ahead of the MMAs, which is the point.
+// Streams W past the SM: no reuse, so keep it out of L1. Volatile, so the compiler keeps a whole
+// stage of these where they are written: ahead of griddepcontrol.wait and of the X copies (a
+// non-volatile version was sunk below both to save registers, losing the prefetch).
 __device__ __forceinline__ uint4 load_stream_or_zero(const uint8_t* p, bool ok) {
   uint4 v = make_uint4(0, 0, 0, 0);
   if (ok) {
-    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+    asm volatile("ld.global.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
         : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
         : "l"(p));
   }
@@ -234,6 +235,7 @@ __global__ void __launch_bounds__(kWarps * 32, MT >= 8 ? 1 : 2) skinny_gemm_kern
   const bool ok_lo = row_lo < p.n, ok_hi = row_hi < p.n;
   const uint8_t* x_bytes = static_cast<const uint8_t*>(p.x);
 
+  static_assert(kCols * 4 <= kWarps * 32, "one X row per 4 threads");
   float acc[MT][4];
 #pragma unroll
   for (int t = 0; t < MT; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f;
@@ -264,17 +266,28 @@ __global__ void __launch_bounds__(kWarps * 32, MT >= 8 ? 1 : 2) skinny_gemm_kern
       __syncthreads();  // every warp is done reading the previous stage
     }
     // One cp.async group per chunk, so the MMAs of the first chunks start while later ones land.
+    {
+      // Thread t copies X row t / 4, granules 2 (t % 4) and 2 (t % 4) + 1 of every chunk (rows >= m
+      // are zero-filled). Set up here, not before the W loads: registers live across those made
+      // the compiler sink the W loads below the dependency wait.
+      const int x_r = threadIdx.x >> 2, x_g = (threadIdx.x & 3) * 32;
+      const bool x_mine = x_r < kCols, x_row_ok = x_r < p.m;
+      const uint8_t* x_src = x_bytes + int64_t(min(x_r, p.m - 1)) * k_bytes + x_g;
+      uint8_t* x_dst = xs + x_r * kXStr + x_g;
+      const uint8_t* src = x_src + s0 * kChunkBytes;
+      const int lim = k_bytes - s0 * kChunkBytes - x_g;  // bytes of this row left from src
 #pragma unroll
-    for (int cc = 0; cc < kStage; ++cc) {
-      if (s0 + cc < s1) {
-        for (int i = threadIdx.x; i < kCols * 8; i += kWarps * 32) {
-          const int r = i >> 3, col = cc * kChunkBytes + (i & 7) * 16;
-          const int kb = s0 * kChunkBytes + col;
-          const bool ok = r < p.m && kb < k_bytes;
-          cp_async_16_or_zero(xs + r * kXStr + col, ok ? x_bytes + int64_t(r) * k_bytes + kb : x_bytes, ok);
+      for (int cc = 0; cc < kStage; ++cc) {
+        if (x_mine && s0 + cc < s1) {
+#pragma unroll
+          for (int u = 0; u < 2; ++u) {
+            const int off = cc * kChunkBytes + u * 16;
+            const bool ok = x_row_ok && off < lim;
+            cp_async_16_or_zero(x_dst + off, ok ? src + off : x_bytes, ok);
+          }
         }
+        cp_async_commit();
       }
-      cp_async_commit();
     }
     // 3. MMAs. bf16: physical k (kk + 0..3) plays logical k (2q, 2q+1, 2q+8, 2q+9) of the first MMA
     // and kk + 4..7 the same of the second. E4M3: kk + 0..7 plays (4q..4q+3, 16+4q..16+4q+3) of the
