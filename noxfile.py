@@ -54,7 +54,7 @@ CPU_MARKERS = "not gpu and not parity"
 
 def _install_flashrt(session: nox.Session, torch_spec: str = TORCH_CPU) -> None:
     session.install(torch_spec)
-    session.install("-e", "packages/flashrt-core[serve,tokenizer,jax]")
+    session.install("-e", "packages/flashrt-core[serve,tokenizer,jax,cuda]")
     for package in MODEL_PACKAGES:
         session.install("-e", package)
 
