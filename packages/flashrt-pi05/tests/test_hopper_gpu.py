@@ -56,7 +56,7 @@ def _free():
 @pytest.fixture(scope="module", params=["pi05", "pi0"])
 def true_size(request):
     from flash_rt.models.pi_config import PiConfig
-    from flashrt_pi05.random_weights import fill_random_
+    from flash_rt.models.pi_random_weights import fill_random_
 
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # the ground truth is fp32, not TF32
@@ -80,7 +80,7 @@ def _pipeline(config, ref, num_views, precision, **kwargs):
 
 def test_kernel_ops_self_check():
     """Which ops the pipeline runs on ("auto"): the compiled kernels if they pass this check."""
-    from flashrt_pi05.hopper_kernel_ops import kernels_available, self_check
+    from flash_rt.models.hopper_kernel_ops import kernels_available, self_check
 
     ok, why = kernels_available(torch.device("cuda"))
     metrics = {"kernels_used": ok, "why": why}
@@ -100,7 +100,7 @@ def test_true_size_matches_fp32_reference(true_size, num_views, precision):
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])
 def test_true_size_torch_ops_too(true_size, precision):
     """When "auto" picked the compiled kernels, the torch ops must hold the same bars."""
-    from flashrt_pi05.hopper_kernel_ops import kernels_available
+    from flash_rt.models.hopper_kernel_ops import kernels_available
 
     if not kernels_available(torch.device("cuda"))[0]:
         pytest.skip("auto already runs the torch ops (test_true_size_matches_fp32_reference)")

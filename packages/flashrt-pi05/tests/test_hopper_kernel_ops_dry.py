@@ -49,7 +49,7 @@ def stub_kernels(monkeypatch):
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "flashrt_kernels._C", stub)
     monkeypatch.syspath_prepend(str(KERNELS_SRC))
-    import flashrt_pi05.hopper_kernel_ops as hko
+    import flash_rt.models.hopper_kernel_ops as hko
 
     monkeypatch.setattr(hko.KernelOps, "_stream", staticmethod(lambda: 0))
     yield hko, stub
@@ -71,7 +71,7 @@ def _config(model_type):
 @pytest.mark.parametrize("precision", ["bf16", "fp8"])
 @pytest.mark.parametrize("model_type", ["pi05", "pi0"])
 def test_pipeline_calls_pass_the_kernels_argument_checks(stub_kernels, model_type, precision):
-    from flashrt_pi05.random_weights import random_state_dict
+    from flash_rt.models.pi_random_weights import random_state_dict
 
     hko, stub = stub_kernels
     if model_type == "pi05":
@@ -111,8 +111,8 @@ def test_self_check_calls_pass_the_argument_checks(stub_kernels, monkeypatch):
 def test_runtime_failure_falls_back_to_torch_ops(stub_kernels):
     """Kernels that pass their self-check but fail in the pipeline: the pipeline keeps serving
     with the torch ops (residual streams re-typed), giving the torch pipeline's exact result."""
+    from flash_rt.models.pi_random_weights import random_state_dict
     from flashrt_pi05.pipeline_hopper import Pi05HopperPipeline
-    from flashrt_pi05.random_weights import random_state_dict
 
     hko, _ = stub_kernels
     config = _config("pi05")

@@ -21,8 +21,8 @@ _spec = importlib.util.spec_from_file_location("hopper_testing", Path(__file__).
 ht = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ht)
 
-from flashrt_pi05.pipeline_hopper import calibrate_amax, euler_times  # noqa: E402
-from flashrt_pi05.random_weights import random_state_dict, state_dict_shapes  # noqa: E402
+from flash_rt.models.paligemma_hopper import calibrate_amax, euler_times  # noqa: E402
+from flash_rt.models.pi_random_weights import random_state_dict, state_dict_shapes  # noqa: E402
 
 MODELS = ["pi05", "pi0"]
 COS_FP32 = 0.9999

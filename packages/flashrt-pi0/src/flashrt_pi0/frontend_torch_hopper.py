@@ -1,6 +1,6 @@
 """Pi0 torch frontend for Hopper (arch "hopper"): IO around ``Pi0HopperPipeline``.
 
-As the Pi0.5 Hopper frontend (flashrt_pi05.frontend_torch_hopper), except that the state is a
+The shared Pi frontend (flash_rt.models.pi_frontend_hopper), except that the state is a
 continuous suffix token, not prompt text: the prompt is BOS + text + "\\n" and one prompt length
 (one graph) serves a whole episode; the state goes, normalised and zero-padded to
 max_state_dim, through a pinned buffer into the pipeline with the images.
@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from flash_rt.errors import InputError
-from flashrt_pi05.frontend_torch_hopper import PiTorchFrontendHopperBase
+from flash_rt.models.pi_frontend_hopper import PiTorchFrontendHopperBase
 
 
 class Pi0TorchFrontendHopper(PiTorchFrontendHopperBase):
@@ -41,7 +41,7 @@ class Pi0TorchFrontendHopper(PiTorchFrontendHopperBase):
         return ids[mask]
 
     def calibrate(self, observations, percentile: float | None = None, prompt=None, state=None):
-        from flashrt_pi05.pipeline_hopper import calibrate_amax  # noqa: PLC0415
+        from flash_rt.models.paligemma_hopper import calibrate_amax  # noqa: PLC0415
 
         prompt = prompt or self._prompt
         if prompt is None:

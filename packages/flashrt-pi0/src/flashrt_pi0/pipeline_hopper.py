@@ -1,5 +1,5 @@
-"""Pi0 fast path for Hopper: the shared PaliGemma pipeline (flashrt_pi05.pipeline_hopper) plus
-Pi0's suffix.
+"""Pi0 fast path for Hopper: the shared PaliGemma pipeline (flash_rt.models.paligemma_hopper)
+plus Pi0's suffix.
 
 Pi0's suffix is [state token, 50 action tokens] with ar = [1, 1, 0 ...]: the state token sees
 the prefix and itself only, so its K/V do not depend on x_t or t. It is run once per call, right
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from flash_rt.errors import InputError
-from flashrt_pi05.pipeline_hopper import EXPERT, PaliGemmaHopperPipeline, euler_times, time_embedding
+from flash_rt.models.paligemma_hopper import EXPERT, PaliGemmaHopperPipeline, euler_times, time_embedding
 
 
 class Pi0HopperPipeline(PaliGemmaHopperPipeline):

@@ -289,7 +289,7 @@ def run_bench(args) -> int:
     from flash_rt.api import VLAModel  # noqa: PLC0415
     from flash_rt.models.paligemma_tokenizer import STANDIN_TOKENIZER, PaligemmaTokenizer  # noqa: PLC0415
     from flash_rt.models.pi_config import PiConfig  # noqa: PLC0415
-    from flashrt_pi05.random_weights import fill_random_  # noqa: PLC0415
+    from flash_rt.models.pi_random_weights import fill_random_  # noqa: PLC0415
 
     # the fp32 ground truth must be fp32: no TF32 anywhere in this process
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -336,7 +336,7 @@ def run_bench(args) -> int:
         "results": [], "baselines": [], "speedups": [],
     })
     if device.type == "cuda":  # which ops "auto" resolves to, and why (recorded with the results)
-        from flashrt_pi05.hopper_kernel_ops import kernels_available  # noqa: PLC0415
+        from flash_rt.models.hopper_kernel_ops import kernels_available  # noqa: PLC0415
 
         ok, why = kernels_available(device)
         results.doc["kernels"] = {"used_by_auto": ok, "why": why}

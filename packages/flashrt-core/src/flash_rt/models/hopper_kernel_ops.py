@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from flashrt_pi05.hopper_ops import TorchOps
+from flash_rt.models.hopper_ops import TorchOps
 
 WORKSPACE_BYTES = 32 << 20
 SKINNY_MAX_M = 64
@@ -251,7 +251,7 @@ def _check(device) -> tuple[bool, str]:
 @torch.no_grad()
 def self_check(device) -> dict[str, float]:
     """Cosine of every KernelOps op against TorchOps on random data at Pi0.5-like shapes."""
-    from flashrt_pi05.hopper_ops import Gate, Modulation, make_linear  # noqa: PLC0415
+    from flash_rt.models.hopper_ops import Gate, Modulation, make_linear  # noqa: PLC0415
 
     g = torch.Generator(device=device).manual_seed(0)
     bf = torch.bfloat16
@@ -304,7 +304,7 @@ def self_check(device) -> dict[str, float]:
         vk, vr = v.clone(), v.clone()
         out[f"layer_norm_{tag}"] = cos(kern.layer_norm(vk, lin=None, y=yv).float(), ref.layer_norm(vr, lin=None, y=yv).float())
     # RoPE + cache write, MQA attention over the cache (prefix-like and suffix-like), SigLIP attention
-    from flashrt_pi05.pipeline_hopper import rope_tables  # noqa: PLC0415
+    from flash_rt.models.paligemma_hopper import rope_tables  # noqa: PLC0415
 
     cos_t, sin_t = rope_tables(1024, hd, device)
     positions = torch.arange(1024, device=device, dtype=torch.int32)

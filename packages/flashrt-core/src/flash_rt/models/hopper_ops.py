@@ -235,7 +235,7 @@ def default_ops(device: torch.device, act_dtype: torch.dtype, which: str = "auto
         raise ConfigError(f"ops must be 'auto', 'torch' or 'kernels' (env FLASHRT_HOPPER_OPS); got {which!r}")
     if which == "torch" or device.type != "cuda":
         return TorchOps(act_dtype)
-    from flashrt_pi05.hopper_kernel_ops import KernelOps, kernels_available  # noqa: PLC0415
+    from flash_rt.models.hopper_kernel_ops import KernelOps, kernels_available  # noqa: PLC0415
 
     if which == "kernels":
         return KernelOps(act_dtype, device)
