@@ -69,7 +69,7 @@ def tests(session: nox.Session) -> None:
     session.install("pytest>=8", "pytest-timeout")
     session.install("-e", "examples/plugin-toy")
     session.run(
-        "pytest", "-m", CPU_MARKERS, "--timeout=900", "-q",
+        "pytest", "-m", CPU_MARKERS, "--timeout=1800", "-q",
         "packages", "examples/plugin-toy/tests", *session.posargs,
     )
 
