@@ -54,7 +54,7 @@ CPU_MARKERS = "not gpu and not parity"
 
 def _install_flashrt(session: nox.Session, torch_spec: str = TORCH_CPU) -> None:
     session.install(torch_spec)
-    session.install("-e", "packages/flashrt-core[serve,tokenizer,jax]")
+    session.install("-e", "packages/flashrt-core[serve,tokenizer,jax,cuda]")
     for package in MODEL_PACKAGES:
         session.install("-e", package)
 
@@ -69,7 +69,7 @@ def tests(session: nox.Session) -> None:
     session.install("pytest>=8", "pytest-timeout")
     session.install("-e", "examples/plugin-toy")
     session.run(
-        "pytest", "-m", CPU_MARKERS, "--timeout=900", "-q",
+        "pytest", "-m", CPU_MARKERS, "--timeout=1800", "-q",
         "packages", "examples/plugin-toy/tests", *session.posargs,
     )
 

@@ -9,6 +9,8 @@
 #                                       model tests, the kernel benchmark (~3 min)
 #   bash scripts/gpu_check.sh models    build, the true-size Pi0.5 / Pi0 GPU tests, `flashrt bench`
 #                                       for Pi0.5 and Pi0 (~8 min; its own device call)
+#   bash scripts/gpu_check.sh all       both, with the model benchmark at BENCH_VIEWS (default 2) only
+#                                       (~5 min: one call that checks everything)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE="${1:-kernels}"
@@ -30,7 +32,8 @@ export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
 # One overall budget (the device call allows ~420 s): each stage gets at most its own limit and
 # never eats the time the later stages and the summary need.
 START=$(date +%s)
-BUDGET="${GPU_CHECK_BUDGET:-$([ "$MODE" = models ] && echo 560 || echo 400)}"
+BUDGET="${GPU_CHECK_BUDGET:-$([ "$MODE" = kernels ] && echo 400 || echo 560)}"
+BENCH_VIEWS="${BENCH_VIEWS:-$([ "$MODE" = all ] && echo 2 || echo 1,2,3)}"
 limit() {  # limit <stage max> <seconds to keep for later stages>
   local left=$(( BUDGET - ($(date +%s) - START) - $2 ))
   [ "$left" -gt "$1" ] && left=$1
@@ -106,11 +109,11 @@ run_models() {
   mt_line=$(grep -E "(passed|failed|error|skipped|no tests ran)" "$OUT/pytest_hopper_gpu.log" | tail -1)
   t1=$(stamp)
   T_B5=$(limit 200 100)
-  timeout "$T_B5" $PY -m flash_rt.cli bench --config pi05 --views 1,2,3 --precision fp8,bf16 --compile none \
+  timeout "$T_B5" $PY -m flash_rt.cli bench --config pi05 --views "$BENCH_VIEWS" --precision fp8,bf16 --compile none \
     --out "$OUT/pi05.json" --plot > "$OUT/bench_pi05.log" 2>&1
   b5_rc=$?
   T_B0=$(limit 120 5)
-  timeout "$T_B0" $PY -m flash_rt.cli bench --config pi0 --views 1,2,3 --precision fp8,bf16 --compile none \
+  timeout "$T_B0" $PY -m flash_rt.cli bench --config pi0 --views "$BENCH_VIEWS" --precision fp8,bf16 --compile none \
     --out "$OUT/pi0.json" > "$OUT/bench_pi0.log" 2>&1
   b0_rc=$?
   t2=$(stamp)
@@ -150,7 +153,7 @@ for f in packages/flashrt-kernels/tests/test_kernels_gpu_*.py; do
 done
 cat "$OUT"/pytest_test_kernels_gpu_*.log > "$OUT/pytest_gpu_kernels.log"
 t1=$(stamp)
-T_OTHER=$(limit 60 95)
+T_OTHER=$(limit 60 $([ "$MODE" = all ] && echo 330 || echo 95))
 timeout "$T_OTHER" $PY -m pytest -m gpu packages --ignore=packages/flashrt-kernels \
   --ignore=packages/flashrt-pi05/tests/test_hopper_gpu.py -q -rfEs -p no:cacheprovider \
   --junitxml="$OUT/pytest_gpu_other.xml" > "$OUT/pytest_gpu_other.log" 2>&1
@@ -161,7 +164,7 @@ other_line=$(grep -E "(passed|failed|error|skipped|no tests ran)" "$OUT/pytest_g
 
 # 4. kernel benchmark
 t2=$(stamp)
-T_BENCH=$(limit 120 5)
+T_BENCH=$(limit 120 $([ "$MODE" = all ] && echo 300 || echo 5))
 timeout "$T_BENCH" $PY scripts/bench_kernels.py --out "$OUT/bench_kernels.json" > "$OUT/bench.log" 2>&1
 bench_rc=$?
 t3=$(stamp)
@@ -179,4 +182,11 @@ grep -E "^(FAILED|ERROR)" "$OUT/pytest_gpu_other.log" | head -10 | cut -c1-220 |
 say "bench:   rc=$bench_rc in $((t3 - t2)) s (bench_kernels.json, bench.log)"
 sed -n '/TB\/s, bf16/,$p' "$OUT/bench.log" | tee -a "$SUMMARY"
 [ $bench_rc -ne 0 ] && tail -12 "$OUT/bench.log" | tee -a "$SUMMARY"
-[ $build_rc -eq 0 ] && [ $test_rc -eq 0 ] && [ $other_rc -eq 0 ] && [ $bench_rc -eq 0 ]
+kernels_ok=$([ $build_rc -eq 0 ] && [ $test_rc -eq 0 ] && [ $other_rc -eq 0 ] && [ $bench_rc -eq 0 ] && echo 1)
+if [ "$MODE" = all ]; then
+  run_models
+  models_rc=$?
+  [ -n "$kernels_ok" ] && [ $models_rc -eq 0 ]
+else
+  [ -n "$kernels_ok" ]
+fi

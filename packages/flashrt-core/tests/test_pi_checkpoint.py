@@ -257,7 +257,7 @@ def test_jax_layout_follows_openpi_formulas():
     assert tree["PaliGemma/llm/layers/attn/kv_einsum_1/w"].shape == (e.depth, 2, 1, e.width, e.head_dim)
     assert tree["PaliGemma/img/Transformer/encoderblock/MultiHeadDotProductAttention_0/out/kernel"].shape == \
         (v.depth, v.num_heads, v.head_dim, v.width)
-    assert tree["PaliGemma/img/pos_embedding"].shape == (1, 256, v.width)
+    assert tree["PaliGemma/img/pos_embedding"].shape == (1, v.num_patches, v.width)
     for i in range(2):
         q = tree["PaliGemma/llm/layers/attn/q_einsum/w"][i].transpose(0, 2, 1).reshape(-1, g.width)
         np.testing.assert_array_equal(q, sd[L + f"{i}.self_attn.q_proj.weight"].numpy())

@@ -61,6 +61,8 @@ def test_seed_symbol_exists(module, name):
         assert callable(mod.fwd_bf16) and callable(mod.fwd_fp16)
         return
     mod = importlib.import_module(module)
+    if not hasattr(mod, name):  # `from pkg import submodule` imports the submodule
+        importlib.import_module(f"{module}.{name}")
     assert hasattr(mod, name), f"{module} lacks {name}"
 
 

@@ -9,6 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
+from flash_rt.models.pi_make_checkpoint import TINY_VISION
+
 torch = pytest.importorskip("torch")
 
 import flash_rt  # noqa: E402
@@ -39,7 +41,8 @@ def observation(seed=0, views=2, size=(224, 224)):
 
 
 def test_predict_matches_reference_run_by_hand(checkpoint, model):
-    images, state = observation(1)
+    # images at the checkpoint's own resolution, so the hand-run reference needs no resize
+    images, state = observation(1, size=(TINY_VISION.image_size,) * 2)
     cfg = model.frontend.config
     noise = np.random.default_rng(2).standard_normal((cfg.action_horizon, cfg.action_dim)).astype(np.float32)
     actions = model.predict(images, PROMPT, state=state, noise=noise)

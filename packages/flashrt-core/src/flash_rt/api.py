@@ -191,7 +191,7 @@ def load_model(
 _IMAGE_KEYS = ("image", "wrist_image", "wrist_image_right")
 
 
-def _states_equal(a, b) -> bool:
+def same_state(a, b) -> bool:
     if a is None or b is None:
         return a is b
     a, b = np.asarray(a), np.asarray(b)
@@ -254,7 +254,7 @@ class VLAModel:
         observation = _observation(images, state)
         obs_state = observation.get("state")
         if self._prompt_takes_state:
-            if prompt != self._prompt or not _states_equal(obs_state, self._prompt_state):
+            if prompt != self._prompt or not same_state(obs_state, self._prompt_state):
                 self._frontend.set_prompt(prompt, state=obs_state)
                 self._prompt, self._prompt_state = prompt, _copy_state(obs_state)
         elif prompt != self._prompt:

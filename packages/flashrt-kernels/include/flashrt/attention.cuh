@@ -11,8 +11,11 @@
 // Split-KV: with num_splits > 1 each split handles a contiguous key range and writes an fp32
 // partial O and its log-sum-exp; a second kernel combines them (decode-style: few query tiles).
 //
-// Pipeline per key tile j (one K and one V buffer): V_j loads while S = Q K_j^T and the softmax run;
-// K_{j+1} loads while O += P V_j runs.
+// Two "halves" of 4 warps per block share the 64 query rows and split the key tiles (half h takes
+// tiles h, h + 2, ...): twice the warps per SM on prefix grids of ~100 blocks, with Q loaded once.
+// Each half pipelines its own tiles (one K and one V buffer each, its own barrier): V_j loads while
+// S = Q K_j^T and the softmax run; K_{j+2} loads while O += P V_j runs. At the end half 1 hands
+// (m, l, O) to half 0 through shared memory, which merges them and stores.
 #pragma once
 
 #include <algorithm>
@@ -46,7 +49,7 @@ struct AttnParams {
 
 constexpr int kAttnMaxSplits = 16;
 constexpr int kAttnBlockM = 64;
-constexpr int kAttnThreads = 128;
+constexpr int kAttnHalfThreads = 128;  // 4 warps x 16 rows = kAttnBlockM
 
 namespace attn {
 
@@ -60,6 +63,14 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool val
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+// Barrier of one half (4 warps); ids 1 and 2 (0 is __syncthreads).
+__device__ __forceinline__ void half_sync(int half) {
+  if (half == 0) {
+    asm volatile("bar.sync 1, %0;\n" ::"n"(kAttnHalfThreads) : "memory");
+  } else {
+    asm volatile("bar.sync 2, %0;\n" ::"n"(kAttnHalfThreads) : "memory");
+  }
+}
 
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -114,24 +125,29 @@ struct Shape {
   static constexpr int kDt = D / 8;               // n-tiles of O
   static constexpr int kChunks = D / 8;           // 16-byte chunks per row
   static constexpr int kBlockN = D > 128 ? 32 : 64;
-  template <typename T>
+  template <typename T, int H>
   static constexpr size_t smem_bytes() {
-    return size_t(kAttnBlockM + 2 * kBlockN) * kLd * sizeof(T);
+    return size_t(kAttnBlockM + 2 * H * kBlockN) * kLd * sizeof(T);  // Q, then K and V of each half
   }
+  // The merge of the halves reuses the K/V buffers: (D / 8 + 1) float4 per thread of a half.
+  static_assert((D / 8 + 1) * kAttnHalfThreads * 16 <= 4 * kBlockN * kLd * 2, "merge buffer too small");
 };
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kAttnThreads) attn_fwd_kernel(AttnParams p) {
+// H = 1 or 2 halves (2 where the grid alone leaves SMs short of warps).
+template <typename T, int D, int H>
+__global__ void __launch_bounds__(H * kAttnHalfThreads) attn_fwd_kernel(AttnParams p) {
+  constexpr int kAttnThreads = H * kAttnHalfThreads;
   pdl_wait();
   using S = Shape<D>;
   constexpr int BM = kAttnBlockM, BN = S::kBlockN, LD = S::kLd, DP = S::kDp;
   constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
-  T* sK = sQ + BM * LD;
+  const int half = H == 1 ? 0 : threadIdx.x / kAttnHalfThreads;
+  T* sK = sQ + BM * LD + half * 2 * BN * LD;
   T* sV = sK + BN * LD;
 
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tid = threadIdx.x % kAttnHalfThreads, lane = tid & 31, warp = tid >> 5;  // within the half
   const int g = lane >> 2, q4 = lane & 3;
   const int group = p.heads_q / p.heads_kv;
   const int rows_total = p.seqlen_q * group;
@@ -140,18 +156,19 @@ __global__ void __launch_bounds__(kAttnThreads) attn_fwd_kernel(AttnParams p) {
   const int split = blockIdx.z;
   const int k_begin = split * p.keys_per_split;
   const int k_end = min(p.seqlen_k, k_begin + p.keys_per_split);
-  const int n_tiles = k_end > k_begin ? (k_end - k_begin + BN - 1) / BN : 0;
+  const int n_tiles_all = k_end > k_begin ? (k_end - k_begin + BN - 1) / BN : 0;
+  const int n_tiles = H == 1 ? n_tiles_all : (n_tiles_all - half + 1) / 2;  // tiles half, half + H, ...
 
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k) + b * p.k_sb + kvh * p.k_sh;
   const T* v = static_cast<const T*>(p.v) + b * p.v_sb + kvh * p.v_sh;
 
   if constexpr (DP > D) {  // zero the reduction padding once; cp.async never writes it
-    for (int i = tid; i < (BM + 2 * BN) * (DP - D); i += kAttnThreads)
+    for (int i = threadIdx.x; i < (BM + 2 * H * BN) * (DP - D); i += kAttnThreads)
       sQ[(i / (DP - D)) * LD + D + i % (DP - D)] = T(0.0f);
   }
 
-  for (int i = tid; i < BM * S::kChunks; i += kAttnThreads) {
+  for (int i = threadIdx.x; i < BM * S::kChunks; i += kAttnThreads) {
     const int r = i / S::kChunks, ch = i % S::kChunks;
     const int pr = row0 + r;
     const bool ok = pr < rows_total;
@@ -159,13 +176,16 @@ __global__ void __launch_bounds__(kAttnThreads) attn_fwd_kernel(AttnParams p) {
     cp_async_16(sQ + r * LD + ch * 8, q + b * p.q_sb + qi * p.q_sr + h * p.q_sh + ch * 8, ok);
   }
   auto load_kv = [&](T* dst, const T* src, int64_t row_stride, int key0) {
-    for (int i = tid; i < BN * S::kChunks; i += kAttnThreads) {
+    for (int i = tid; i < BN * S::kChunks; i += kAttnHalfThreads) {
       const int r = i / S::kChunks, ch = i % S::kChunks;
       const bool ok = key0 + r < k_end;
       cp_async_16(dst + r * LD + ch * 8, src + (ok ? key0 + r : 0) * row_stride + ch * 8, ok);
     }
   };
-  if (n_tiles > 0) load_kv(sK, k, p.k_sr, k_begin);
+  cp_async_commit();
+  cp_async_wait_all();
+  __syncthreads();  // Q (loaded by both halves) and the zeroed padding are visible to all
+  if (n_tiles > 0) load_kv(sK, k, p.k_sr, k_begin + half * BN);
   cp_async_commit();
 
   // This thread's two rows (g and g + 8 of the warp's 16) and their mask rows.
@@ -184,9 +204,9 @@ __global__ void __launch_bounds__(kAttnThreads) attn_fwd_kernel(AttnParams p) {
   const float scale_log2 = p.scale * kLog2e;
 
   for (int j = 0; j < n_tiles; ++j) {
-    const int key0 = k_begin + j * BN;
+    const int key0 = k_begin + (H * j + half) * BN;
     cp_async_wait_all();
-    __syncthreads();  // K_j (and Q) landed; every warp is done with V_{j-1}
+    half_sync(half);  // K_j landed; every warp of the half is done with V_{j-1}
     load_kv(sV, v, p.v_sr, key0);
     cp_async_commit();
 
@@ -250,8 +270,8 @@ __global__ void __launch_bounds__(kAttnThreads) attn_fwd_kernel(AttnParams p) {
     }
 
     cp_async_wait_all();
-    __syncthreads();  // V_j landed; every warp is done with K_j
-    if (j + 1 < n_tiles) load_kv(sK, k, p.k_sr, key0 + BN);
+    half_sync(half);  // V_j landed; every warp of the half is done with K_j
+    if (j + 1 < n_tiles) load_kv(sK, k, p.k_sr, key0 + H * BN);
     cp_async_commit();
 
 #pragma unroll
@@ -276,6 +296,44 @@ __global__ void __launch_bounds__(kAttnThreads) attn_fwd_kernel(AttnParams p) {
     }
   }
   cp_async_wait_all();
+
+  // Merge the halves: half 1 writes its running max, partial sums and O accumulators (fp32) over
+  // the K/V buffers; half 0 rescales both to the common max and adds. Layout [t][thread] of float4:
+  // conflict-free. Needs 64 * D * 4 + 64 * 16 bytes <= the 4 K/V tiles (always true here).
+  if constexpr (H == 2) {
+  __syncthreads();  // every warp is done with every K/V buffer
+  float4* xch = reinterpret_cast<float4*>(sQ + BM * LD);
+  if (half == 1) {
+#pragma unroll
+    for (int t = 0; t < S::kDt; ++t)
+      xch[t * kAttnHalfThreads + tid] = make_float4(acc_o[t][0], acc_o[t][1], acc_o[t][2], acc_o[t][3]);
+    xch[S::kDt * kAttnHalfThreads + tid] = make_float4(m_run[0], m_run[1], l_run[0], l_run[1]);
+  }
+  __syncthreads();
+  if (half == 1) return;
+  {
+    const float4 o = xch[S::kDt * kAttnHalfThreads + tid];
+    const float m1[2] = {o.x, o.y}, l1[2] = {o.z, o.w};
+    float c0[2], c1[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float mx = fmaxf(m_run[r], m1[r]);
+      const float base = mx == -INFINITY ? 0.0f : mx;
+      c0[r] = exp2f(m_run[r] - base);
+      c1[r] = exp2f(m1[r] - base);
+      m_run[r] = mx;
+      l_run[r] = l_run[r] * c0[r] + l1[r] * c1[r];
+    }
+#pragma unroll
+    for (int t = 0; t < S::kDt; ++t) {
+      const float4 a1 = xch[t * kAttnHalfThreads + tid];
+      acc_o[t][0] = acc_o[t][0] * c0[0] + a1.x * c1[0];
+      acc_o[t][1] = acc_o[t][1] * c0[0] + a1.y * c1[0];
+      acc_o[t][2] = acc_o[t][2] * c0[1] + a1.z * c1[1];
+      acc_o[t][3] = acc_o[t][3] * c0[1] + a1.w * c1[1];
+    }
+  }
+  }
 
   // Finish: quad-sum l, normalise, store (O directly, or the split's fp32 partial).
 #pragma unroll
@@ -366,11 +424,11 @@ inline int attention_num_splits(int batch, int seqlen_q, int seqlen_k, int heads
   return 1;
 }
 
-template <typename T, int D>
-inline cudaError_t attention_launch_d(AttnParams p, cudaStream_t stream) {
+template <typename T, int D, int H>
+inline cudaError_t attention_launch_dh(AttnParams p, cudaStream_t stream) {
   using S = attn::Shape<D>;
-  auto kernel = attn::attn_fwd_kernel<T, D>;
-  const size_t smem = S::template smem_bytes<T>();
+  auto kernel = attn::attn_fwd_kernel<T, D, H>;
+  const size_t smem = S::template smem_bytes<T, H>();
   static int smem_set_for_device = -1;  // the attribute is per device; set it once (not per launch)
   if (smem > 48 * 1024) {
     int dev = 0;
@@ -390,11 +448,33 @@ inline cudaError_t attention_launch_d(AttnParams p, cudaStream_t stream) {
   const int64_t rows_total = int64_t(p.seqlen_q) * (p.heads_q / p.heads_kv);
   const dim3 grid(unsigned(ceil_div(rows_total, kAttnBlockM)), unsigned(p.batch * p.heads_kv),
                   unsigned(p.num_splits));
-  cudaError_t err = launch_kernel(kernel, grid, dim3(kAttnThreads), smem, stream, p);
+  cudaError_t err = launch_kernel(kernel, grid, dim3(H * kAttnHalfThreads), smem, stream, p);
   if (err != cudaSuccess || p.num_splits == 1) return err;
   const int64_t rows_all = int64_t(p.batch) * p.heads_q * p.seqlen_q;
   return launch_kernel(attn::attn_combine_kernel<T>, dim3(unsigned(ceil_div(rows_all, 4))), dim3(128), 0, stream, p,
                        int(D));
+}
+
+// Two halves per block when the grid has fewer blocks than SMs (prefix attention: ~100 blocks of
+// 4 warps would leave each SM with one block), else one.
+template <typename T, int D>
+inline cudaError_t attention_launch_d(const AttnParams& p, cudaStream_t stream) {
+  static int sms[64] = {};
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (dev < 0 || dev >= 64) return cudaErrorInvalidDevice;
+  if (sms[dev] == 0) {
+    err = cudaDeviceGetAttribute(&sms[dev], cudaDevAttrMultiProcessorCount, dev);
+    if (err != cudaSuccess) return err;
+  }
+  const int splits = std::max(1, std::min(p.num_splits, kAttnMaxSplits));
+  const int64_t blocks = ceil_div(int64_t(p.seqlen_q) * (p.heads_q / p.heads_kv), kAttnBlockM) *
+                         int64_t(p.batch) * p.heads_kv * splits;
+  // FLASHRT_ATTN_HALVES=1 or 2 forces the block shape (for measurements).
+  static const int force = getenv("FLASHRT_ATTN_HALVES") ? atoi(getenv("FLASHRT_ATTN_HALVES")) : 0;
+  const bool two = force ? force == 2 : blocks <= sms[dev];
+  return two ? attention_launch_dh<T, D, 2>(p, stream) : attention_launch_dh<T, D, 1>(p, stream);
 }
 
 // head_dim in {16, 32, 48, 64, 72, 96, 128, 256}; p.num_splits as requested (1 = no split).

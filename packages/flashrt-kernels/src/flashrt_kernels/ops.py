@@ -259,8 +259,9 @@ def skinny_gemm(x: int, w: int, out: int, m: int, n: int, k: int, *, bias: int =
                 pdl: bool = True, stream: int = 0) -> None:
     """out[m, n] = alpha * sx * sw * x[m, k] @ w[n, k]^T (+ bias[n]) (+ residual[m, n]) for m <= 64.
 
-    Streams w at near-HBM speed (tensor cores, cluster split-K on sm_90). x, w: bf16, or both E4M3
-    (dtype="fp8", sm_89+, k % 16 == 0) with x_scale / w_scale pointing at fp32 scales (0 = 1.0).
+    Streams w once (tensor cores, cluster split-K on sm_90; measured speed in docs/kernels.md).
+    x, w: bf16, or both E4M3 (dtype="fp8", sm_89+, k % 16 == 0) with x_scale / w_scale pointing at
+    fp32 scales (0 = 1.0).
     out, bias, residual: bf16; residual may be ``out``. split: 0 chooses; else a power of two <= 16.
     pdl (sm_90): launch as a programmatic dependent of the previous kernel in the stream, so the
     weight stream starts while that kernel finishes (x, residual and out are touched only after it).

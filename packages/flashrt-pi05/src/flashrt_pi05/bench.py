@@ -100,6 +100,9 @@ def _host_rss() -> int:
 
 
 def _commit() -> str:
+    """The source commit: FLASHRT_COMMIT where the tree was copied without git (a GPU machine)."""
+    if os.environ.get("FLASHRT_COMMIT"):
+        return os.environ["FLASHRT_COMMIT"]
     try:
         here = Path(__file__).resolve().parent
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,

@@ -15,44 +15,20 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from flash_rt.api import same_state
 from flash_rt.errors import InputError
-from flash_rt.models.pi_preprocess import PiInputs
+from flash_rt.models.pi_frontend_cpu import PiTorchFrontendCpuBase
 
 
-def _same_state(a, b) -> bool:
-    if a is None or b is None:
-        return a is b
-    a, b = np.asarray(a), np.asarray(b)
-    return a.shape == b.shape and bool(np.array_equal(a, b))
-
-
-class Pi05TorchFrontendCpu:
+class Pi05TorchFrontendCpu(PiTorchFrontendCpuBase):
     model_type = "pi05"
+    _state = None  # the raw state the current tokens were made with
 
-    def __init__(self, checkpoint, num_views: int = 2, num_steps: int | None = None, tokenizer=None,
-                 device=None, vision_num_layers: int | None = None, vision_pool_factor: int | None = None,
-                 dtype=None):
-        import torch  # noqa: PLC0415
-
-        from flash_rt.models.paligemma_tokenizer import PaligemmaTokenizer, find_tokenizer  # noqa: PLC0415
-        from flash_rt.models.pi_checkpoint import load_pi_checkpoint  # noqa: PLC0415
+    @staticmethod
+    def _reference_class():
         from flashrt_pi05.reference import Pi05Reference  # noqa: PLC0415
 
-        ckpt = load_pi_checkpoint(checkpoint, self.model_type)
-        self.config = ckpt.config
-        self.norm_stats = ckpt.norm_stats
-        self.model = Pi05Reference.from_checkpoint(
-            ckpt, device=torch.device(device or "cpu"), dtype=dtype,
-            vision_num_layers=vision_num_layers, vision_pool_factor=vision_pool_factor or 1,
-        )
-        self.inputs = PiInputs(ckpt.config, ckpt.norm_stats, PaligemmaTokenizer(find_tokenizer(tokenizer, ckpt.directory)),
-                               num_views)
-        self.num_views = num_views
-        self.num_steps = num_steps or ckpt.config.num_steps
-        self._rng = np.random.default_rng()
-        self._prompt: str | None = None
-        self._state = None  # the raw state the current tokens were made with
-        self._tokens = None
+        return Pi05Reference
 
     def set_prompt(self, prompt, state=None) -> None:
         """The task prompt and (Pi0.5 puts it into the prompt) the robot state."""
@@ -64,27 +40,14 @@ class Pi05TorchFrontendCpu:
         self._prompt, self._state, self._tokens = prompt, None if state is None else np.array(state), tokens
 
     def infer(self, observation, noise=None) -> np.ndarray:
-        import torch  # noqa: PLC0415
-
         if self._prompt is None:
             raise InputError("no prompt: call set_prompt(prompt, state=...) first, or predict(images, prompt, state)")
         state = observation.get("state") if isinstance(observation, Mapping) else None
-        if state is not None and not _same_state(state, self._state):
+        if state is not None and not same_state(state, self._state):
             self.set_prompt(self._prompt, state)
         if self._tokens is None:
             raise InputError(
                 "Pi0.5 puts the robot state into the prompt: pass state= to predict() or set_prompt() "
                 "(a 1-D float array of the robot's joint / gripper values)"
             )
-        images = self.inputs.images(observation)
-        x0 = self.inputs.noise(noise, self._rng)
-        device = self.model.device
-        ids, mask = self._tokens
-        actions = self.model.sample_actions(
-            torch.from_numpy(images)[None].to(device),
-            torch.from_numpy(ids)[None].to(device),
-            torch.from_numpy(mask)[None].to(device),
-            torch.from_numpy(x0)[None].to(device),
-            num_steps=self.num_steps,
-        )
-        return self.inputs.actions(actions[0].cpu().numpy())
+        return self._sample(observation, noise)

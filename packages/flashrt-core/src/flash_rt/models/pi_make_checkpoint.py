@@ -48,7 +48,7 @@ RANDOM_CHUNK = 1 << 22  # elements drawn at a time (16 MB of fp32)
 # different from the LLM width, MQA (1 KV head), 8 heads (lerobot hard-codes 8), several layers.
 TINY_PALIGEMMA = GemmaDims(width=64, depth=2, mlp_dim=128, num_heads=8, num_kv_heads=1, head_dim=16)
 TINY_EXPERT = GemmaDims(width=32, depth=2, mlp_dim=64, num_heads=8, num_kv_heads=1, head_dim=16)
-TINY_VISION = VisionDims(width=32, depth=2, mlp_dim=64, num_heads=4, patch_size=14, image_size=224)
+TINY_VISION = VisionDims(width=32, depth=2, mlp_dim=64, num_heads=4, patch_size=14, image_size=56)
 
 
 def make_config(model_type: str, size: str) -> PiConfig:
