@@ -102,17 +102,17 @@ grep -E "spill|Used [0-9]+ registers" "$OUT/build_kernels.log" > "$OUT/ptxas.txt
 #     reference per view count and precision, then the speed of record)
 run_models() {
   t0=$(stamp)
-  T_MT=$(limit 240 300)
+  T_MT=$(limit 200 150)
   FLASHRT_GPU_REPORT=$OUT/hopper_gpu.jsonl timeout "$T_MT" $PY -m pytest -m gpu -s -q -rfEs -p no:cacheprovider \
     packages/flashrt-pi05/tests/test_hopper_gpu.py --junitxml="$OUT/pytest_hopper_gpu.xml" > "$OUT/pytest_hopper_gpu.log" 2>&1
   mt_rc=$?
   mt_line=$(grep -E "(passed|failed|error|skipped|no tests ran)" "$OUT/pytest_hopper_gpu.log" | tail -1)
   t1=$(stamp)
-  T_B5=$(limit 200 100)
+  T_B5=$(limit 200 60)
   timeout "$T_B5" $PY -m flash_rt.cli bench --config pi05 --views "$BENCH_VIEWS" --precision fp8,bf16 --compile none \
     --out "$OUT/pi05.json" --plot > "$OUT/bench_pi05.log" 2>&1
   b5_rc=$?
-  T_B0=$(limit 120 5)
+  T_B0=$(limit 150 5)
   timeout "$T_B0" $PY -m flash_rt.cli bench --config pi0 --views "$BENCH_VIEWS" --precision fp8,bf16 --compile none \
     --out "$OUT/pi0.json" > "$OUT/bench_pi0.log" 2>&1
   b0_rc=$?
