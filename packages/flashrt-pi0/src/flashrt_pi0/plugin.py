@@ -8,7 +8,6 @@ HOPPER = "flashrt_pi0.frontend_torch_hopper:Pi0TorchFrontendHopper"
 @hookimpl
 def flashrt_register_frontends(register):
     register("pi0", "torch", "cpu", "flashrt_pi0.frontend_torch_cpu:Pi0TorchFrontendCpu")
-    # measured=True once `flashrt bench` has recorded benchmarks/h100/*.json. The code is plain torch
-    # + flashrt_kernels and should run unchanged on other FP8 GPUs (sm_89+); no route is claimed
-    # where it never ran.
-    register("pi0", "torch", "hopper", HOPPER, measured=False)
+    # Measured: benchmarks/h100/*.json. The code is plain torch + flashrt_kernels and should run
+    # unchanged on other FP8 GPUs (sm_89+), but no route is claimed where it never ran.
+    register("pi0", "torch", "hopper", HOPPER, measured=True)

@@ -8,10 +8,9 @@ HOPPER = "flashrt_pi05.frontend_torch_hopper:Pi05TorchFrontendHopper"
 @hookimpl
 def flashrt_register_frontends(register):
     register("pi05", "torch", "cpu", "flashrt_pi05.frontend_torch_cpu:Pi05TorchFrontendCpu")
-    # measured=True once `flashrt bench` has recorded benchmarks/h100/*.json. The code is plain torch
-    # + flashrt_kernels and should run unchanged on other FP8 GPUs (sm_89+); no route is claimed
-    # where it never ran.
-    register("pi05", "torch", "hopper", HOPPER, measured=False)
+    # Measured: benchmarks/h100/*.json. The code is plain torch + flashrt_kernels and should run
+    # unchanged on other FP8 GPUs (sm_89+), but no route is claimed where it never ran.
+    register("pi05", "torch", "hopper", HOPPER, measured=True)
 
 
 @hookimpl
