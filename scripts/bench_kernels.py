@@ -270,6 +270,7 @@ def _sdpa_cudnn(q, k, v, mask=None):
 
 
 def case_attention(sq, sk, hq, hkv, d, with_mask=False, split=False):
+    """split: False (one pass), True (split-KV, count chosen by the kernel) or a split count."""
     flops = 4 * sq * sk * hq * d
     q, k, v = rnd(1, sq, hq, d), rnd(1, sk, hkv, d), rnd(1, sk, hkv, d)
     o = torch.empty_like(q)
@@ -287,7 +288,8 @@ def case_attention(sq, sk, hq, hkv, d, with_mask=False, split=False):
                                  k_strides=strides(k), v_strides=strides(v), o_strides=strides(o),
                                  softmax_scale=d**-0.5, mask=mask.data_ptr() if with_mask else 0,
                                  mask_strides=(sk, 0), lse_accum=lse_acc.data_ptr() if split else 0,
-                                 o_accum=o_acc.data_ptr() if split else 0, num_splits=0 if split else 1,
+                                 o_accum=o_acc.data_ptr() if split else 0,
+                                 num_splits=(0 if split is True else int(split)) if split else 1,
                                  stream=stream())]
     # Baseline in torch's [B, H, S, D] layout, K/V expanded to the query heads (MQA).
     qt = q.transpose(1, 2).contiguous()
@@ -360,6 +362,11 @@ def main() -> int:
                 cases.append((f"skinny split={split}", f"{m}x{k_dim}->{n}",
                               lambda m=m, k_dim=k_dim, n=n, split=split:
                               case_skinny(m, k_dim, n, split=split, baselines=False)))
+        for splits in (2, 4, 7, 10, 16):  # the denoise step's attention: 50 x 8 heads over 577 + 50 keys
+            cases.append((f"attn decode split={splits}", "50x627 q8 kv1 d256",
+                          lambda splits=splits: case_attention(50, 627, 8, 1, 256, split=splits)))
+        cases.append(("attn decode split=auto", "50x627 q8 kv1 d256",
+                      lambda: case_attention(50, 627, 8, 1, 256, split=True)))
     if args.quick:
         cases = cases[::2]
     if args.only:

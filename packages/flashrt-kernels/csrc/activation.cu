@@ -11,9 +11,10 @@ int bias_act(Addr x, Addr bias, Addr out, int64_t rows, int64_t cols, int activa
                              reinterpret_cast<const float*>(out_scale), reinterpret_cast<cudaStream_t>(stream)));
 }
 
-int geglu(Addr gate_up, Addr out, int64_t rows, int64_t inter, Addr out_scale, Addr stream) {
+int geglu(Addr gate_up, Addr out, int64_t rows, int64_t inter, Addr out_scale, bool interleaved, Addr stream) {
   return int(geglu_launch(reinterpret_cast<const __nv_bfloat16*>(gate_up), reinterpret_cast<void*>(out), rows, inter,
-                          reinterpret_cast<const float*>(out_scale), reinterpret_cast<cudaStream_t>(stream)));
+                          reinterpret_cast<const float*>(out_scale), interleaved,
+                          reinterpret_cast<cudaStream_t>(stream)));
 }
 
 }  // namespace flashrt::api

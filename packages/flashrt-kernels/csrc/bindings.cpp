@@ -43,6 +43,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("gemm_cache_clear", &gemm_cache_clear);
   m.def("gemm_cache_size", &gemm_cache_size);
   m.def("skinny_gemm", &skinny_gemm, nogil);
+  m.def("skinny_gemm_geglu", &skinny_gemm_geglu, nogil);
+  m.def("small_linear", &small_linear, nogil);
+  m.def("skinny_gemm_rope_qkv", &skinny_gemm_rope_qkv, nogil);
   m.def("rope_qkv", &rope_qkv, nogil);
   m.def("attention", &attention, nogil);
   m.def("attention_num_splits", [](int batch, int seqlen_q, int seqlen_k, int heads_q, int heads_kv,

@@ -17,11 +17,14 @@ fk = pytest.importorskip("flashrt_kernels", reason="flashrt_kernels is not insta
 from flashrt_kernels_testlib import (  # noqa: E402
     BF16,
     DEV,
+    E4M3,
     F32,
     check,
+    check_fp8,
     check_rel,
     poisoned,
     rnd,
+    scalar,
     stream,
 )
 
@@ -264,3 +267,32 @@ def test_launch_errors_are_raised_with_cuda_message():
     rc = _C.skinny_gemm(0x1000, 0x2000, 0x3000, 0, 0, 1.0, 80, 64, 64, 0, False, 0, 0, True, 0)  # m > 64, C level
     assert rc == 1 and "invalid argument" in fk.error_string(rc)
     assert math.isfinite(float(fk.attention_num_splits(1, 50, 1018, 8, 1, 256)))
+
+
+@pytest.mark.parametrize("sq,sk,splits", [(50, 627, 0), (50, 1018, 0), (577, 577, 1), (50, 300, 1)])
+def test_attention_fp8_out(sq, sk, splits):
+    """O written as E4M3 at a static scale (the input of an FP8 output projection), from the direct
+    store (one split) and from the split-KV combine."""
+    if E4M3 is None or torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("E4M3 needs torch float8 and sm_89+")
+    b, hq, hkv, d = 1, 8, 1, 256
+    q, k, v = rnd(b, sq, hq, d), rnd(b, sk, hkv, d), rnd(b, sk, hkv, d)
+    n_lse, n_o = fk.attention_splitkv_sizes(b, sq, hq, d)
+    lse_acc, o_acc = poisoned(n_lse, dtype=F32), poisoned(n_o, dtype=F32)
+    ref, _ = attn_ref(q, k, v, d**-0.5)
+    scale = float(ref.abs().max()) / 448
+    outs = {}
+    for fp8 in (False, True):
+        o = poisoned(b, sq, hq, d, dtype=E4M3 if fp8 else BF16)
+        fk.attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), batch=b, seqlen_q=sq, seqlen_k=sk,
+                     num_heads_q=hq, num_heads_kv=hkv, head_dim=d, q_strides=contiguous_strides(q),
+                     k_strides=contiguous_strides(k), v_strides=contiguous_strides(v),
+                     o_strides=contiguous_strides(o), softmax_scale=d**-0.5, lse_accum=lse_acc.data_ptr(),
+                     o_accum=o_acc.data_ptr(), num_splits=splits,
+                     out_scale=scalar(scale).data_ptr() if fp8 else 0, stream=stream())
+        outs[fp8] = o
+    # the bf16 output holds the kernel's (bf16 P @ V) error, ~1e-4 absolute: the FP8 output is that
+    # result quantised (one E4M3 step either side), and both are checked against the fp64 reference
+    check(outs[False], ref, atol=2e-2, rtol=2e-2, what="attention bf16 out")
+    check_fp8(outs[True], outs[False].float(), scale, what=f"attention fp8 out ({sq}x{sk}, splits {splits})")
+    check_rel(outs[True].float() * scale, ref, rel=0.05, what="attention fp8 out vs fp64")

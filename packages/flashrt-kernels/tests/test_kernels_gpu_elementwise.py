@@ -174,15 +174,17 @@ def test_gelu_tanh(n, fp8):
 
 @pytest.mark.parametrize("rows,inter", [(968, 16384), (50, 4096), (7, 8), (33, 136)])
 @pytest.mark.parametrize("fp8", [False, True])
-def test_geglu(rows, inter, fp8):
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_geglu(rows, inter, fp8, interleaved):
     if fp8 and E4M3 is None:
         pytest.skip("torch has no float8_e4m3fn")
     gu = rnd(rows, 2 * inter, scale=2.0)
-    ref = gelu_tanh_ref(gu[:, :inter]) * gu[:, inter:].double()
+    gate, up = (gu[:, 0::2], gu[:, 1::2]) if interleaved else (gu[:, :inter], gu[:, inter:])
+    ref = gelu_tanh_ref(gate) * up.double()
     scale = ref.abs().max().item() / 448.0
     out = poisoned(rows, inter, dtype=E4M3 if fp8 else BF16)
     fk.geglu(gu.data_ptr(), out.data_ptr(), rows, inter, out_scale=scalar(scale).data_ptr() if fp8 else 0,
-             stream=stream())
+             interleaved=interleaved, stream=stream())
     if fp8:
         check_fp8(out, ref, scale, "geglu fp8")
     else:

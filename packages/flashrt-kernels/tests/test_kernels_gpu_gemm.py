@@ -19,6 +19,7 @@ from flashrt_kernels_testlib import (  # noqa: E402
     check,
     check_rel,
     fp8_ref,
+    gelu_tanh_ref,
     gemm_ref,
     poisoned,
     rnd,
@@ -251,3 +252,101 @@ def test_skinny_gemm_is_deterministic_and_graph_capturable():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------
+# Skinny GEMM with fused epilogues (GeGLU, RoPE + KV cache), the fp32 small linear
+
+
+@pytest.mark.parametrize("m,k,inter", [(50, 1024, 4096), (51, 1024, 4096), (7, 256, 136), (64, 512, 520)])
+@pytest.mark.parametrize("dtype,out_fp8", [("bf16", False), ("fp8", False), ("fp8", True)])
+def test_skinny_gemm_geglu(m, k, inter, dtype, out_fp8):
+    if dtype == "fp8" and (E4M3 is None or torch.cuda.get_device_capability() < (8, 9)):
+        pytest.skip("E4M3 needs torch float8 and sm_89+")
+    gate_up, bias = rnd(2 * inter, k, scale=k**-0.5), rnd(2 * inter, scale=0.1)
+    order = torch.tensor(fk.geglu_row_order(inter), device=DEV)
+    w, b = gate_up[order].contiguous(), bias[order].contiguous()
+    x = rnd(m, k)
+    args = {}
+    if dtype == "fp8":
+        xs, ws = 0.01, float(w.float().abs().max()) / 448
+        x, w = fp8_ref(x.float(), xs), fp8_ref(w.float(), ws)
+        args = dict(x_scale=scalar(xs).data_ptr(), w_scale=scalar(ws).data_ptr())
+        x_ref, w_ref = x.double() * xs, w.double() * ws
+    else:
+        x_ref, w_ref = x, w
+    y = gemm_ref(x_ref, w_ref, bias=b)[:, torch.argsort(order)]  # natural [gate | up] columns
+    ref = gelu_tanh_ref(y[:, :inter]) * y[:, inter:]
+    out_scale = float(ref.abs().max()) / 448
+    out = poisoned(m, inter, dtype=E4M3 if out_fp8 else BF16)
+    fk.skinny_gemm_geglu(x.data_ptr(), w.data_ptr(), out.data_ptr(), m, 2 * inter, k, bias=b.data_ptr(),
+                         dtype=dtype, out_scale=scalar(out_scale).data_ptr() if out_fp8 else 0, stream=stream(),
+                         **args)
+    if out_fp8:
+        check_rel(out.float() * out_scale, ref, rel=5e-2, what="skinny geglu fp8 out")
+    else:
+        check_rel(out, ref, rel=1e-2, what=f"skinny geglu {dtype}")
+        check(out, ref, atol=2e-2 * ref.abs().max().item(), rtol=2e-2, what=f"skinny geglu {dtype}")
+
+
+def _rope_ref(x, positions, theta=10000.0):
+    d = x.shape[-1]
+    timescale = theta ** ((2.0 / d) * torch.arange(d // 2, dtype=torch.float32, device=x.device))
+    radians = positions.float()[:, None, None] / timescale[None, None, :]
+    sin, cos = torch.sin(radians), torch.cos(radians)
+    x1, x2 = x.float()[..., : d // 2], x.float()[..., d // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+@pytest.mark.parametrize("m,k,hq,hkv,d,offset", [(50, 1024, 8, 1, 256, 577), (1, 1024, 8, 1, 256, 600),
+                                                 (13, 256, 4, 2, 64, 3), (9, 128, 2, 1, 72, 0)])
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+def test_skinny_gemm_rope_qkv(m, k, hq, hkv, d, offset, dtype):
+    if dtype == "fp8" and (E4M3 is None or torch.cuda.get_device_capability() < (8, 9)):
+        pytest.skip("E4M3 needs torch float8 and sm_89+")
+    n = (hq + 2 * hkv) * d
+    w_nat = rnd(n, k, scale=k**-0.5)
+    order = torch.tensor(fk.rope_row_order(hq, hkv, d), device=DEV)
+    w = w_nat[order].contiguous()
+    x = rnd(m, k)
+    args = {}
+    if dtype == "fp8":
+        xs, ws = 0.01, float(w.float().abs().max()) / 448
+        x, w = fp8_ref(x.float(), xs), fp8_ref(w.float(), ws)
+        args = dict(x_scale=scalar(xs).data_ptr(), w_scale=scalar(ws).data_ptr())
+        qkv = gemm_ref(x.double() * xs, w.double()[torch.argsort(order)] * ws)
+    else:
+        qkv = gemm_ref(x, w_nat)
+    positions = torch.randint(0, 1100, (m,), device=DEV, dtype=torch.int32)
+    rows = offset + m + 3
+    q_out = poisoned(m, hq, d)
+    k_cache, v_cache = rnd(rows, hkv, d), rnd(rows, hkv, d)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    fk.skinny_gemm_rope_qkv(x.data_ptr(), w.data_ptr(), positions.data_ptr(), q_out.data_ptr(), k_cache.data_ptr(),
+                            v_cache.data_ptr(), m, k, hq, hkv, d, cache_offset=offset, dtype=dtype, stream=stream(),
+                            **args)
+    q, kk, v = qkv.view(m, hq + 2 * hkv, d).split([hq, hkv, hkv], dim=1)
+    sl = slice(offset, offset + m)
+    check(q_out, _rope_ref(q, positions), atol=2e-2, rtol=2e-2, what=f"fused rope q {dtype}")
+    check(k_cache[sl], _rope_ref(kk, positions), atol=2e-2, rtol=2e-2, what=f"fused rope k {dtype}")
+    check(v_cache[sl], v, atol=2e-2, rtol=2e-2, what=f"fused v {dtype}")
+    outside = torch.ones(rows, dtype=torch.bool)
+    outside[sl] = False
+    assert torch.equal(k_cache[outside], k_before[outside]) and torch.equal(v_cache[outside], v_before[outside]), \
+        "cache rows outside [offset, offset + m) must be untouched"
+
+
+@pytest.mark.parametrize("m,k,n", [(50, 32, 1024), (50, 1024, 32), (1, 32, 1024), (5, 7, 3)])
+@pytest.mark.parametrize("x_dtype,out_dtype,accumulate", [("fp32", "fp32", False), ("bf16", "fp32", True),
+                                                          ("fp32", "bf16", False), ("bf16", "bf16", True)])
+def test_small_linear(m, k, n, x_dtype, out_dtype, accumulate):
+    dt = {"fp32": torch.float32, "bf16": BF16}
+    x = rnd(m, k, dtype=dt[x_dtype])
+    w, b = rnd(n, k, dtype=torch.float32, scale=k**-0.5), rnd(n, dtype=torch.float32)
+    start = rnd(m, n, dtype=dt[out_dtype])
+    out = start.clone() if accumulate else poisoned(m, n, dtype=dt[out_dtype])
+    fk.small_linear(x.data_ptr(), w.data_ptr(), out.data_ptr(), m, n, k, bias=b.data_ptr(), x_dtype=x_dtype,
+                    out_dtype=out_dtype, accumulate=accumulate, stream=stream())
+    ref = gemm_ref(x, w, bias=b) + (start.double() if accumulate else 0.0)
+    tol = 1e-5 if out_dtype == "fp32" else 1e-2
+    check(out, ref, atol=tol * max(1.0, ref.abs().max().item()), rtol=tol, what="small linear")

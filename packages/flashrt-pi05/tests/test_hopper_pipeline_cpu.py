@@ -80,6 +80,28 @@ def test_stages_and_actions_match_reference_fp32(model, num_views):
     assert ht.rel_err(torch.from_numpy(actions), want["actions"]) < 1e-4
 
 
+def test_rows_ordered_for_fused_epilogues_give_the_same_actions(model):
+    """The compiled kernels' pipelines permute the expert's qkv (RoPE pairs adjacent) and gate_up
+    (gate / up interleaved) rows; ops without those fused GEMMs restore the natural column order.
+    Same weights, same inputs: the permuted pipeline must give the natural one's actions."""
+    from flash_rt.models.hopper_ops import TorchOps
+
+    class OrderedTorchOps(TorchOps):
+        fused_epilogues = True
+
+    config, state_dict, _ = model
+    inputs = ht.random_inputs(config, 2, 9, seed=5)
+    results = []
+    for ops in (TorchOps(torch.float32), OrderedTorchOps(torch.float32)):
+        pipe = ht.pipeline_class(config.model_type)(state_dict, config, num_views=2, use_fp8=False, ops=ops)
+        ht.load_pipeline_inputs(pipe, config, inputs)
+        results.append((pipe, torch.from_numpy(pipe.infer())))
+    (natural, want), (ordered, got) = results
+    assert ordered.expert[0].qkv.row_order == "rope" and ordered.expert[0].gate_up.row_order == "geglu"
+    assert not torch.equal(ordered.expert[0].qkv.weight, natural.expert[0].qkv.weight)  # really permuted
+    assert ht.rel_err(got, want) < 1e-5
+
+
 @pytest.mark.parametrize("pool,layers", [(2, None), (4, 1), (1, 2)])
 def test_speed_knobs_match_reference_with_same_knobs(model, pool, layers):
     config, state_dict, _ = model

@@ -1,7 +1,8 @@
 // Attention forward (no dropout), bf16 / fp16 in and out, softmax in fp32, on mma.sync tensor cores.
 //   O[b, i, h] = softmax_j(scale * Q[b, i, h] . K[b, j, h / G]) V[b, j, h / G],  G = Hq / Hkv
 // masked where mask[b, i, j] == 0 (a key-padding mask is the same with a zero row stride) or j >= Sk.
-// Rows whose every key is masked get O = 0 and lse = -inf.
+// Rows whose every key is masked get O = 0 and lse = -inf. With o_scale, O is stored as E4M3 at that
+// static scale (the input format of an FP8 output projection: no separate quantisation pass).
 //
 // Layout: the last dimension is contiguous; batch / row / head strides are in elements (as in the
 // FA2-style interface). The G query heads that share a KV head are packed into the rows of one
@@ -43,6 +44,7 @@ struct AttnParams {
   float* lse = nullptr;        // [B, Hq, Sq] or null (natural log of the scaled logits' sum-exp)
   float* lse_accum = nullptr;  // [splits, B, Hq, Sq]
   float* o_accum = nullptr;    // [splits, B, Hq, Sq, D]
+  const float* o_scale = nullptr;  // non-null: O is written as E4M3 at this scale (O / scale), same strides
   int num_splits = 1;
   int keys_per_split = 0;
 };
@@ -182,11 +184,10 @@ __global__ void __launch_bounds__(H * kAttnHalfThreads) attn_fwd_kernel(AttnPara
       cp_async_16(dst + r * LD + ch * 8, src + (ok ? key0 + r : 0) * row_stride + ch * 8, ok);
     }
   };
+  if (n_tiles > 0) load_kv(sK, k, p.k_sr, k_begin + half * BN);  // in flight with Q: one wait for both
   cp_async_commit();
   cp_async_wait_all();
-  __syncthreads();  // Q (loaded by both halves) and the zeroed padding are visible to all
-  if (n_tiles > 0) load_kv(sK, k, p.k_sr, k_begin + half * BN);
-  cp_async_commit();
+  __syncthreads();  // Q (loaded by both halves), K_0 and the zeroed padding are visible to all
 
   // This thread's two rows (g and g + 8 of the warp's 16) and their mask rows.
   const int wrow = warp * 16;
@@ -356,18 +357,32 @@ __global__ void __launch_bounds__(H * kAttnHalfThreads) attn_fwd_kernel(AttnPara
             make_float2(acc_o[t][2 * r] * inv, acc_o[t][2 * r + 1] * inv);
       if (q4 == 0) p.lse_accum[int64_t(split) * rows_all + lse_idx] = lse;
     } else {
-      T* dst = static_cast<T*>(p.o) + b * p.o_sb + qi * p.o_sr + h * p.o_sh;
+      const int64_t o_idx = b * p.o_sb + qi * p.o_sr + h * p.o_sh;
+      if (p.o_scale) {
+        const float inv8 = inv / __ldg(p.o_scale);
+        uint8_t* dst = static_cast<uint8_t*>(p.o) + o_idx;
 #pragma unroll
-      for (int t = 0; t < S::kDt; ++t)
-        *reinterpret_cast<uint32_t*>(dst + t * 8 + 2 * q4) = pack2<T>(acc_o[t][2 * r] * inv, acc_o[t][2 * r + 1] * inv);
+        for (int t = 0; t < S::kDt; ++t)
+          *reinterpret_cast<uint16_t*>(dst + t * 8 + 2 * q4) = __nv_cvt_float2_to_fp8x2(
+              make_float2(acc_o[t][2 * r] * inv8, acc_o[t][2 * r + 1] * inv8), __NV_SATFINITE, __NV_E4M3);
+      } else {
+        T* dst = static_cast<T*>(p.o) + o_idx;
+#pragma unroll
+        for (int t = 0; t < S::kDt; ++t)
+          *reinterpret_cast<uint32_t*>(dst + t * 8 + 2 * q4) = pack2<T>(acc_o[t][2 * r] * inv, acc_o[t][2 * r + 1] * inv);
+      }
       if (p.lse && q4 == 0) p.lse[lse_idx] = lse;
     }
   }
 }
 
-// One warp per (b, h, query) row: weights exp(lse_s - lse) over the splits.
+// One warp per (b, h, query) row. Lane s holds split s's log-sum-exp, so the weights
+// exp(lse_s - lse) come from two warp reductions; then each lane owns 4 consecutive outputs and
+// reads every split's partial for them with independent loads (no load waits on another), which
+// keeps the kernel at about one L2 round trip instead of one per split and output chunk.
 template <typename T>
 __global__ void attn_combine_kernel(AttnParams p, int head_dim) {
+  static_assert(kAttnMaxSplits <= 32, "one lane per split");
   pdl_wait();
   const int64_t rows_all = int64_t(p.batch) * p.heads_q * p.seqlen_q;
   const int64_t row = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
@@ -376,24 +391,47 @@ __global__ void attn_combine_kernel(AttnParams p, int head_dim) {
   const int qi = int(row % p.seqlen_q);
   const int h = int((row / p.seqlen_q) % p.heads_q);
   const int b = int(row / (int64_t(p.seqlen_q) * p.heads_q));
-  float lmax = -INFINITY;
-  for (int s = 0; s < p.num_splits; ++s) lmax = fmaxf(lmax, p.lse_accum[s * rows_all + row]);
-  float lse = -INFINITY;
+  const int splits = p.num_splits;
+  const float lse_s = lane < splits ? p.lse_accum[lane * rows_all + row] : -INFINITY;
+  float lmax = lse_s;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) lmax = fmaxf(lmax, __shfl_xor_sync(0xffffffffu, lmax, o));
+  float w = 0.0f, lse = -INFINITY;  // w: this lane's split weight
   if (lmax != -INFINITY) {
-    float sum = 0.0f;
-    for (int s = 0; s < p.num_splits; ++s) sum += expf(p.lse_accum[s * rows_all + row] - lmax);
+    const float e = lane < splits ? expf(lse_s - lmax) : 0.0f;
+    float sum = e;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
     lse = lmax + logf(sum);
+    w = e / sum;
   }
-  T* dst = static_cast<T*>(p.o) + b * p.o_sb + qi * p.o_sr + h * p.o_sh;
-  for (int d = lane; d < head_dim; d += 32) {
-    float acc = 0.0f;
-    if (lse != -INFINITY) {
-      for (int s = 0; s < p.num_splits; ++s) {
-        const float w = expf(p.lse_accum[s * rows_all + row] - lse);
-        if (w > 0.0f) acc += w * p.o_accum[(s * rows_all + row) * head_dim + d];
+  const int64_t o_idx = b * p.o_sb + qi * p.o_sr + h * p.o_sh;
+  const float inv8 = p.o_scale ? 1.0f / __ldg(p.o_scale) : 1.0f;
+  const float* src = p.o_accum + row * head_dim;
+  for (int d0 = 4 * lane; d0 < head_dim; d0 += 128) {  // head_dim % 4 == 0 (every supported size)
+    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll
+    for (int s = 0; s < kAttnMaxSplits; ++s) {
+      const float ws = __shfl_sync(0xffffffffu, w, s);
+      if (s < splits) {  // a split with no mass has weight 0 and a finite (zero) partial
+        const float4 x = *reinterpret_cast<const float4*>(src + s * rows_all * head_dim + d0);
+        acc.x += ws * x.x;
+        acc.y += ws * x.y;
+        acc.z += ws * x.z;
+        acc.w += ws * x.w;
       }
     }
-    dst[d] = T(acc);
+    if (p.o_scale) {
+      const uint16_t lo = __nv_cvt_float2_to_fp8x2(make_float2(acc.x * inv8, acc.y * inv8), __NV_SATFINITE, __NV_E4M3);
+      const uint16_t hi = __nv_cvt_float2_to_fp8x2(make_float2(acc.z * inv8, acc.w * inv8), __NV_SATFINITE, __NV_E4M3);
+      *reinterpret_cast<uint32_t*>(static_cast<uint8_t*>(p.o) + o_idx + d0) = uint32_t(lo) | (uint32_t(hi) << 16);
+    } else {
+      T* dst = static_cast<T*>(p.o) + o_idx + d0;
+      dst[0] = T(acc.x);
+      dst[1] = T(acc.y);
+      dst[2] = T(acc.z);
+      dst[3] = T(acc.w);
+    }
   }
   if (p.lse && lane == 0) p.lse[row] = lse;
 }

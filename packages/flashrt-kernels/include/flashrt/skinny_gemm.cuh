@@ -1,6 +1,14 @@
 // Skinny GEMM for M <= 64:  Y[M, N] = alpha * X[M, K] @ W[N, K]^T (+ bias[N]) (+ residual[M, N]), bf16 out.
 // X and W bf16, or both E4M3 with per-tensor scales (W8A8, sm_89+: half the weight bytes).
 //
+// Fused epilogues (each saves a kernel per use, and at these sizes a kernel costs more than its work):
+// - GeGLU: W's rows are [gate; up] interleaved row by row (gate_0, up_0, gate_1, up_1, ...), so a
+//   thread's 4 consecutive outputs hold two (gate, up) pairs; writes gelu_tanh(gate) * up, [M, N / 2],
+//   in bf16 or as E4M3 at a static scale (the input of the down projection).
+// - RoPE + QKV split + KV-cache write: the q and k heads' rows are ordered (0, D/2, 1, D/2 + 1, ...)
+//   within each head, so a thread's 4 outputs are two split-half RoPE pairs; q goes to q_out
+//   [M, Hq, D] and k / v to cache rows cache_offset + m, in the natural order (as rope_qkv does).
+//
 // With 50 rows of X the weight is read once and used 50 times: the kernel is a weight stream, and
 // the goal is HBM speed. Why it is built the way it is:
 // - Tensor cores with the roles swapped: W rows are the MMA's M side (m16n8k16), X rows its N side,
@@ -33,7 +41,22 @@ struct SkinnyGemmParams {
   int m = 0, n = 0, k = 0;
   bool fp8 = false;                         // W8A8 E4M3 (sm_89+): half the weight bytes
   bool pdl = true;                          // sm_90: stream the weights while the previous kernel ends
+  int epilogue = 0;                         // kSkinnyStore / kSkinnyGeglu / kSkinnyRopeQkv
+  void* out = nullptr;                      // GeGLU: [M, N / 2] bf16, or E4M3 with out_scale
+  const float* out_scale = nullptr;         // GeGLU: device scalar, E4M3 out = value / scale
+  // RoPE epilogue: N = (heads_q + 2 heads_kv) * head_dim
+  const int32_t* positions = nullptr;       // [M]
+  __nv_bfloat16* q_out = nullptr;           // [M, heads_q, head_dim]
+  __nv_bfloat16* k_cache = nullptr;         // [rows, heads_kv, head_dim]
+  __nv_bfloat16* v_cache = nullptr;
+  int heads_q = 0, heads_kv = 0, head_dim = 0;
+  int64_t cache_offset = 0;
+  float theta = 10000.0f;
 };
+
+constexpr int kSkinnyStore = 0;
+constexpr int kSkinnyGeglu = 1;
+constexpr int kSkinnyRopeQkv = 2;
 
 namespace skinny {
 
@@ -183,6 +206,54 @@ __device__ __forceinline__ void cp_async_wait_pending(int n) {
 
 __device__ __forceinline__ uint4 lds128(const uint8_t* p) {
   return *reinterpret_cast<const uint4*>(p);
+}
+
+// GeGLU epilogue: v = (gate_j, up_j, gate_j+1, up_j+1) of output row m, j = n / 2.
+__device__ __forceinline__ void store_geglu(const SkinnyGemmParams& p, int m, int n, const float (&v)[4]) {
+  const float o0 = gelu_tanh(v[0]) * v[1], o1 = gelu_tanh(v[2]) * v[3];
+  const int64_t idx = int64_t(m) * (p.n / 2) + n / 2;
+  if (p.out_scale) {
+    const float inv = 1.0f / __ldg(p.out_scale);
+    *reinterpret_cast<uint16_t*>(static_cast<uint8_t*>(p.out) + idx) =
+        __nv_cvt_float2_to_fp8x2(make_float2(o0 * inv, o1 * inv), __NV_SATFINITE, __NV_E4M3);
+  } else {
+    *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(p.out) + idx) = __floats2bfloat162_rn(o0, o1);
+  }
+}
+
+// RoPE epilogue: columns n .. n + 3 of output row m (n % 4 == 0). In a q or k head they are the
+// pairs (i, i + D/2) and (i + 1, i + 1 + D/2), i = (n % D) / 2; in a v head, 4 consecutive values.
+// Angles as rope_qkv computes them (same formula, fp32).
+__device__ __forceinline__ void store_rope_qkv(const SkinnyGemmParams& p, int m, int n, const float (&v)[4]) {
+  const int d = p.head_dim, half = d / 2;
+  const int head = n / d, c = n - head * d;
+  const int64_t cache_row = (p.cache_offset + m) * int64_t(p.heads_kv) * d;
+  if (head >= p.heads_q + p.heads_kv) {
+    __nv_bfloat16* dst = p.v_cache + cache_row + (head - p.heads_q - p.heads_kv) * d + c;
+    uint2 raw;
+    auto* h2 = reinterpret_cast<__nv_bfloat162*>(&raw);
+    h2[0] = __floats2bfloat162_rn(v[0], v[1]);
+    h2[1] = __floats2bfloat162_rn(v[2], v[3]);
+    *reinterpret_cast<uint2*>(dst) = raw;
+    return;
+  }
+  const int i = c / 2;
+  const float pos = float(__ldg(p.positions + m));
+  float lo[2], hi[2];
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    const float exponent = (2.0f / float(d)) * float(i + e);
+    const float angle = pos / powf(p.theta, exponent);
+    float sn, cs;
+    sincosf(angle, &sn, &cs);
+    const float a = v[2 * e], b = v[2 * e + 1];
+    lo[e] = a * cs - b * sn;
+    hi[e] = b * cs + a * sn;
+  }
+  __nv_bfloat16* dst = head < p.heads_q ? p.q_out + (int64_t(m) * p.heads_q + head) * d
+                                         : p.k_cache + cache_row + (head - p.heads_q) * d;
+  *reinterpret_cast<__nv_bfloat162*>(dst + i) = __floats2bfloat162_rn(lo[0], lo[1]);
+  *reinterpret_cast<__nv_bfloat162*>(dst + i + half) = __floats2bfloat162_rn(hi[0], hi[1]);
 }
 
 // Two blocks per SM keep enough weight bytes in flight; at MT = 8 that register cap (128) spills,
@@ -406,6 +477,18 @@ __global__ void __launch_bounds__(kWarps * 32, MT >= 8 ? 1 : 2) skinny_gemm_kern
       sum.x += o.x; sum.y += o.y; sum.z += o.z; sum.w += o.w;
     }
     float v[4] = {sum.x * alpha, sum.y * alpha, sum.z * alpha, sum.w * alpha};
+    if (p.epilogue != kSkinnyStore) {  // n % 4 == 0 and no residual (checked by the launcher)
+      if (p.bias) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) v[j] += __bfloat162float(p.bias[n + j]);
+      }
+      if (p.epilogue == kSkinnyGeglu) {
+        store_geglu(p, m, n, v);
+      } else {
+        store_rope_qkv(p, m, n, v);
+      }
+      continue;
+    }
     const int64_t o = int64_t(m) * p.n + n;
     if (vec_ok && n + 3 < p.n) {
       if (p.bias) {
@@ -553,6 +636,17 @@ inline cudaError_t skinny_device_info(SkinnyDeviceInfo* info) {
 inline cudaError_t skinny_gemm_launch(const SkinnyGemmParams& p, int split, cudaStream_t stream) {
   if (p.m <= 0 || p.n <= 0) return cudaSuccess;
   if (p.m > 64 || p.k <= 0 || p.k % (p.fp8 ? 16 : 8) != 0) return cudaErrorInvalidValue;
+  if (p.epilogue == kSkinnyStore) {
+    if (!p.y) return cudaErrorInvalidValue;
+  } else if (p.epilogue == kSkinnyGeglu) {
+    if (p.n % 4 != 0 || p.residual || !p.out) return cudaErrorInvalidValue;
+  } else if (p.epilogue == kSkinnyRopeQkv) {
+    if (p.residual || !p.positions || !p.q_out || !p.k_cache || !p.v_cache || p.heads_q <= 0 || p.heads_kv <= 0 ||
+        p.head_dim <= 0 || p.head_dim % 4 != 0 || p.n != (p.heads_q + 2 * p.heads_kv) * p.head_dim)
+      return cudaErrorInvalidValue;
+  } else {
+    return cudaErrorInvalidValue;
+  }
   SkinnyDeviceInfo info;
   cudaError_t err = skinny_device_info(&info);
   if (err != cudaSuccess) return err;

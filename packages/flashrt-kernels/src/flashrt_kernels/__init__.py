@@ -23,6 +23,7 @@ from flashrt_kernels.ops import (
     device_count,
     error_string,
     geglu,
+    geglu_row_order,
     gelu_tanh,
     gemm,
     gemm_cache_clear,
@@ -31,7 +32,11 @@ from flashrt_kernels.ops import (
     quantize_fp8,
     rms_norm,
     rope_qkv,
+    rope_row_order,
     skinny_gemm,
+    skinny_gemm_geglu,
+    skinny_gemm_rope_qkv,
+    small_linear,
 )
 
 __version__ = str(_C.VERSION)
@@ -56,6 +61,7 @@ __all__ = [
     "error_string",
     "gelu_tanh",
     "geglu",
+    "geglu_row_order",
     "gemm",
     "gemm_cache_clear",
     "gemm_cache_size",
@@ -63,5 +69,9 @@ __all__ = [
     "quantize_fp8",
     "rms_norm",
     "rope_qkv",
+    "rope_row_order",
     "skinny_gemm",
+    "skinny_gemm_geglu",
+    "skinny_gemm_rope_qkv",
+    "small_linear",
 ]

@@ -185,12 +185,14 @@ def gelu_tanh(x: int, out: int, n: int, *, out_scale: int = 0, stream: int = 0) 
         bias_act(x, 0, out, 1, n, activation="gelu_tanh", out_scale=out_scale, stream=stream)
 
 
-def geglu(gate_up: int, out: int, rows: int, inter: int, *, out_scale: int = 0, stream: int = 0) -> None:
-    """out[r, j] = gelu_tanh(gate_up[r, j]) * gate_up[r, inter + j]; gate_up is [rows, 2 * inter]."""
+def geglu(gate_up: int, out: int, rows: int, inter: int, *, out_scale: int = 0, interleaved: bool = False,
+          stream: int = 0) -> None:
+    """out[r, j] = gelu_tanh(gate_up[r, j]) * gate_up[r, inter + j]; gate_up is [rows, 2 * inter].
+    interleaved: gate_up rows are (gate_0, up_0, gate_1, up_1, ...) (``geglu_row_order``)."""
     _need_size("rows", rows, minimum=0)
     _need_size("inter", inter, multiple=8)
     rc = _C.geglu(_need_ptr("gate_up", gate_up), _need_ptr("out", out, align=8 if out_scale else 16), rows,
-                  inter, _need_ptr("out_scale", out_scale, 4, True), _stream(stream))
+                  inter, _need_ptr("out_scale", out_scale, 4, True), bool(interleaved), _stream(stream))
     _raise_if(rc, "geglu")
 
 
@@ -266,6 +268,55 @@ def skinny_gemm(x: int, w: int, out: int, m: int, n: int, k: int, *, bias: int =
     pdl (sm_90): launch as a programmatic dependent of the previous kernel in the stream, so the
     weight stream starts while that kernel finishes (x, residual and out are touched only after it).
     """
+    dt = _skinny_checks(m, n, k, dtype, split)
+    rc = _C.skinny_gemm(_need_ptr("x", x), _need_ptr("w", w), _need_ptr("out", out, 2),
+                        _need_ptr("bias", bias, 2, True), _need_ptr("residual", residual, 2, True), float(alpha),
+                        m, n, k, split, bool(dt), _need_ptr("x_scale", x_scale, 4, True),
+                        _need_ptr("w_scale", w_scale, 4, True), bool(pdl), _stream(stream))
+    _raise_if(rc, "skinny_gemm")
+
+
+def skinny_gemm_geglu(x: int, w: int, out: int, m: int, n: int, k: int, *, bias: int = 0, dtype: str = "bf16",
+                      x_scale: int = 0, w_scale: int = 0, out_scale: int = 0, split: int = 0, pdl: bool = True,
+                      stream: int = 0) -> None:
+    """out[m, n / 2] = gelu_tanh(g) * u of the skinny GEMM x @ w^T (+ bias) whose n output columns
+    are gate / up interleaved column by column (w's rows ordered gate_0, up_0, gate_1, up_1, ...;
+    ``geglu_row_order`` gives that order). out: bf16, or E4M3 at the device fp32 ``out_scale``
+    (value / scale, saturated). One kernel instead of a GEMM and a GeGLU pass. Other arguments as
+    ``skinny_gemm``; n % 4 == 0."""
+    dt = _skinny_checks(m, n, k, dtype, split)
+    _need_size("n", n, multiple=4)
+    rc = _C.skinny_gemm_geglu(_need_ptr("x", x), _need_ptr("w", w), _need_ptr("out", out, 4),
+                              _need_ptr("bias", bias, 2, True), m, n, k, split, bool(dt),
+                              _need_ptr("x_scale", x_scale, 4, True), _need_ptr("w_scale", w_scale, 4, True),
+                              _need_ptr("out_scale", out_scale, 4, True), bool(pdl), _stream(stream))
+    _raise_if(rc, "skinny_gemm_geglu")
+
+
+def skinny_gemm_rope_qkv(x: int, w: int, positions: int, q_out: int, k_cache: int, v_cache: int, m: int, k: int,
+                         num_heads_q: int, num_heads_kv: int, head_dim: int, *, bias: int = 0,
+                         cache_offset: int = 0, theta: float = 10000.0, dtype: str = "bf16", x_scale: int = 0,
+                         w_scale: int = 0, split: int = 0, pdl: bool = True, stream: int = 0) -> None:
+    """The fused QKV projection x @ w^T (+ bias) with ``rope_qkv`` applied in its epilogue: q_out
+    [m, Hq, D] rotated, k (rotated) / v into the caches [rows, Hkv, D] at rows cache_offset + i.
+    w's q and k head rows are in ``rope_row_order`` (pairs (i, i + D/2) adjacent), v rows natural.
+    One kernel instead of a GEMM and a RoPE pass. Other arguments as ``skinny_gemm``."""
+    _need_size("num_heads_q", num_heads_q)
+    _need_size("num_heads_kv", num_heads_kv)
+    _need_size("head_dim", head_dim, minimum=4, multiple=4)
+    _need_size("cache_offset", cache_offset, minimum=0)
+    n = (num_heads_q + 2 * num_heads_kv) * head_dim
+    dt = _skinny_checks(m, n, k, dtype, split)
+    rc = _C.skinny_gemm_rope_qkv(_need_ptr("x", x), _need_ptr("w", w), _need_ptr("bias", bias, 2, True),
+                                 _need_ptr("positions", positions, 4), _need_ptr("q_out", q_out, 4),
+                                 _need_ptr("k_cache", k_cache, 4), _need_ptr("v_cache", v_cache, 8), m, k,
+                                 num_heads_q, num_heads_kv, head_dim, int(cache_offset), float(theta), split,
+                                 bool(dt), _need_ptr("x_scale", x_scale, 4, True),
+                                 _need_ptr("w_scale", w_scale, 4, True), bool(pdl), _stream(stream))
+    _raise_if(rc, "skinny_gemm_rope_qkv")
+
+
+def _skinny_checks(m, n, k, dtype, split) -> int:
     dt = _choice("dtype", dtype, GEMM_DTYPES)
     _need_size("m", m)
     if m > SKINNY_MAX_M:
@@ -274,11 +325,44 @@ def skinny_gemm(x: int, w: int, out: int, m: int, n: int, k: int, *, bias: int =
     _need_size("k", k, multiple=16 if dt else 8)
     if split not in (0, 1, 2, 4, 8, 16):
         raise ValueError(f"split: expected 0 (auto) or a power of two <= 16, got {split!r}")
-    rc = _C.skinny_gemm(_need_ptr("x", x), _need_ptr("w", w), _need_ptr("out", out, 2),
-                        _need_ptr("bias", bias, 2, True), _need_ptr("residual", residual, 2, True), float(alpha),
-                        m, n, k, split, bool(dt), _need_ptr("x_scale", x_scale, 4, True),
-                        _need_ptr("w_scale", w_scale, 4, True), bool(pdl), _stream(stream))
-    _raise_if(rc, "skinny_gemm")
+    return dt
+
+
+def small_linear(x: int, w: int, out: int, m: int, n: int, k: int, *, bias: int = 0, x_dtype: str = "fp32",
+                 out_dtype: str = "fp32", accumulate: bool = False, stream: int = 0) -> None:
+    """out[m, n] (= or, with accumulate, +=) x[m, k] . w[n, k] + bias[n]: w and bias fp32, x and
+    out "fp32" or "bf16". One kernel (a warp per output) for the tiny fp32 GEMMs beside a flow
+    policy's action state, where cuBLAS runs split-K SGEMMs of several kernels."""
+    dtypes = {"fp32": 0, "bf16": 1}
+    x_bf16 = bool(_choice("x_dtype", x_dtype, dtypes))
+    out_bf16 = bool(_choice("out_dtype", out_dtype, dtypes))
+    _need_size("m", m)
+    _need_size("n", n)
+    _need_size("k", k)
+    rc = _C.small_linear(_need_ptr("x", x, 2 if x_bf16 else 4), _need_ptr("w", w, 4),
+                         _need_ptr("bias", bias, 4, True), _need_ptr("out", out, 2 if out_bf16 else 4), m, n, k,
+                         x_bf16, out_bf16, bool(accumulate), _stream(stream))
+    _raise_if(rc, "small_linear")
+
+
+def geglu_row_order(inter: int) -> list[int]:
+    """Row order of a fused [gate; up] weight (2 * inter rows) for ``skinny_gemm_geglu``:
+    gate_0, up_0, gate_1, up_1, ... (new row r takes old row order[r])."""
+    return [i // 2 + (i % 2) * inter for i in range(2 * inter)]
+
+
+def rope_row_order(num_heads_q: int, num_heads_kv: int, head_dim: int) -> list[int]:
+    """Row order of a fused [q; k; v] weight for ``skinny_gemm_rope_qkv``: within each q and k head
+    (0, D/2, 1, D/2 + 1, ...), v heads unchanged (new row r takes old row order[r])."""
+    half = head_dim // 2
+    order = []
+    for h in range(num_heads_q + 2 * num_heads_kv):
+        base = h * head_dim
+        if h < num_heads_q + num_heads_kv:
+            order += [base + i // 2 + (i % 2) * half for i in range(head_dim)]
+        else:
+            order += list(range(base, base + head_dim))
+    return order
 
 
 # ------------------------------------------------------------------------------------------------
@@ -347,14 +431,16 @@ def attention(q: int, k: int, v: int, o: int, *, batch: int, seqlen_q: int, seql
               num_heads_kv: int, head_dim: int, q_strides: Sequence[int], k_strides: Sequence[int],
               v_strides: Sequence[int], o_strides: Sequence[int], softmax_scale: float, dtype: str = "bf16",
               mask: int = 0, mask_strides: Sequence[int] = (0, 0), softmax_lse: int = 0, lse_accum: int = 0,
-              o_accum: int = 0, num_splits: int = 1, num_sms: int = 0, stream: int = 0) -> int:
+              o_accum: int = 0, num_splits: int = 1, num_sms: int = 0, out_scale: int = 0, stream: int = 0) -> int:
     """Attention forward: O = softmax(scale * Q K^T, masked) V with Hq / Hkv query heads per KV head.
 
     Tensors [batch, seq, heads, head_dim] with any (batch, row, head) element strides and a contiguous
     last dim. mask: uint8/bool, attend where != 0, element (b, i, j) at b * mask_strides[0] +
     i * mask_strides[1] + j (row stride 0 = a key-padding mask). softmax_lse: fp32 [B, Hq, Sq] or 0.
     Split-KV (decode-style): num_splits > 1, or 0 = choose from the grid; needs lse_accum / o_accum
-    scratch sized by ``attention_splitkv_sizes``. Returns the split count used.
+    scratch sized by ``attention_splitkv_sizes``. out_scale: 0, or a device fp32 scale: O is then written
+    as E4M3 (O / scale, saturated; same element strides), the input of an FP8 GEMM. Returns the split
+    count used.
     """
     dt = _choice("dtype", dtype, ATTN_DTYPES)
     if head_dim not in ATTN_HEAD_DIMS:
@@ -381,6 +467,7 @@ def attention(q: int, k: int, v: int, o: int, *, batch: int, seqlen_q: int, seql
                       seqlen_k, num_heads_q, num_heads_kv, head_dim, float(softmax_scale),
                       _need_ptr("mask", mask, 1, True), int(mask_strides[0]), int(mask_strides[1]),
                       _need_ptr("softmax_lse", softmax_lse, 4, True), _need_ptr("lse_accum", lse_accum, 16, True),
-                      _need_ptr("o_accum", o_accum, 16, True), num_splits, _stream(stream))
+                      _need_ptr("o_accum", o_accum, 16, True), num_splits,
+                      _need_ptr("out_scale", out_scale, 4, True), _stream(stream))
     _raise_if(rc, "attention")
     return num_splits

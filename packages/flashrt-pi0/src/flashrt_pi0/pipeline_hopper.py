@@ -73,9 +73,10 @@ class Pi0HopperPipeline(PaliGemmaHopperPipeline):
     def expert_norm(self, x, step, layer, which, *, lin, y, gate):
         return self.ops.rms_norm(x, lin=lin, y=y, gate=gate)
 
-    def denoise_delta(self, bucket, step):
+    def denoise_delta(self, bucket, step, *, out=None, accumulate=False):
         ops, x = self.ops, self.suffix_x
         h = ops.silu(ops.linear(self.x_t, self.action_fused) + self.step_bias[step])
-        x.copy_(ops.linear(h, self.action_time_out))
+        ops.linear(h, self.action_time_out, out=x)
         y, gate = self.expert_layers(x, self.prefix_len(bucket) + 1, step)
-        return ops.linear(ops.rms_norm(x, lin=self.action_out, y=y, gate=gate), self.action_out)
+        return ops.linear(ops.rms_norm(x, lin=self.action_out, y=y, gate=gate), self.action_out, out=out,
+                          accumulate=accumulate)

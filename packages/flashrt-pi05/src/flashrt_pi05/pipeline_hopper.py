@@ -81,11 +81,11 @@ class Pi05HopperPipeline(PaliGemmaHopperPipeline):
     def expert_gate(self, step, layer, which):
         return Gate(self.ada_gate[step, layer, which], self.ada_bf16[step, layer, which, 2])
 
-    def denoise_delta(self, bucket, step):
+    def denoise_delta(self, bucket, step, *, out=None, accumulate=False):
         x = self.suffix_x
-        x.copy_(self.ops.linear(self.x_t, self.action_in))
+        self.ops.linear(self.x_t, self.action_in, out=x)
         y, gate = self.expert_layers(x, self.prefix_len(bucket), step)
         final = Modulation(self.final_one_plus_scale[step], self.final_shift[step], self.final_bf16[step, 0],
                            self.final_bf16[step, 1])
         h = self.ops.rms_norm(x, lin=self.action_out, y=y, gate=gate, mod=final)
-        return self.ops.linear(h, self.action_out)
+        return self.ops.linear(h, self.action_out, out=out, accumulate=accumulate)

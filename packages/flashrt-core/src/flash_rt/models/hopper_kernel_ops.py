@@ -21,6 +21,7 @@ import torch
 from flash_rt.models.hopper_ops import TorchOps
 
 WORKSPACE_BYTES = 32 << 20
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 SKINNY_MAX_M = 64
 _CHECK: dict = {}
 
@@ -32,6 +33,7 @@ def _ptr(t: torch.Tensor | None) -> int:
 class KernelOps(TorchOps):
     name = "kernels"
     residual_dtype = torch.bfloat16
+    fused_epilogues = True  # the pipeline orders the expert's qkv / gate_up rows for the fused GEMMs
 
     def __init__(self, act_dtype: torch.dtype, device: torch.device, autotune: int = 0):
         if act_dtype != torch.bfloat16:
@@ -63,36 +65,113 @@ class KernelOps(TorchOps):
         return out
 
     # GEMMs -----------------------------------------------------------------------------------
-    def linear(self, h, lin, *, act=None, out_for=None):
+    def linear(self, h, lin, *, act=None, out_for=None, out=None, accumulate=False):
+        if self._small_fp32_ok(h, lin, act, out_for, out):
+            # the fp32 GEMMs beside the action state: one kernel, written (or added) in place
+            m, n, k = h.shape[0], *lin.weight.shape
+            if out is None:
+                out = torch.empty((m, n), dtype=torch.float32, device=h.device)
+            self.fk.small_linear(h.data_ptr(), lin.weight.data_ptr(), out.data_ptr(), m, n, k, bias=_ptr(lin.bias),
+                                 x_dtype=_DTYPE_NAMES[h.dtype], out_dtype=_DTYPE_NAMES[out.dtype],
+                                 accumulate=accumulate, stream=self._stream())
+            return out
+        return super().linear(h, lin, act=act, out_for=out_for, out=out, accumulate=accumulate)
+
+    def _small_fp32_ok(self, h, lin, act, out_for, out) -> bool:
+        return (not self.calibrating and lin.weight.dtype == torch.float32 and act is None and out_for is None
+                and h.dim() == 2 and h.shape[0] <= SKINNY_MAX_M and h.is_contiguous() and h.dtype in _DTYPE_NAMES
+                and (lin.bias is None or lin.bias.dtype == torch.float32)
+                and (out is None or (out.is_contiguous() and out.dtype in _DTYPE_NAMES
+                                     and out.shape == (h.shape[0], lin.weight.shape[0]))))
+
+    def _linear(self, h, lin, *, act=None, out_for=None):
         n, k = lin.weight.shape
         mult = 16 if lin.fp8 else 8
         if self.calibrating or lin.weight.dtype == torch.float32 or h.dim() != 2 or k % mult or n % mult:
-            return super().linear(h, lin, act=act, out_for=out_for)
-        if lin.fp8 and h.dtype != torch.float8_e4m3fn:
-            h = self.to_input_of(h, lin)
-        elif not lin.fp8 and h.dtype != torch.bfloat16:
-            h = h.to(torch.bfloat16)
-        h = h.contiguous()
+            return super()._linear(h, lin, act=act, out_for=out_for)
+        h = self._operand(h, lin)
         m = h.shape[0]
         out = torch.empty((m, n), dtype=torch.bfloat16, device=h.device)
-        dtype = "fp8" if lin.fp8 else "bf16"
-        scales = dict(x_scale=_ptr(lin.act_scale), w_scale=_ptr(lin.weight_scale)) if lin.fp8 else {}
 
         def skinny():
-            self.fk.skinny_gemm(h.data_ptr(), lin.weight.data_ptr(), out.data_ptr(), m, n, k, bias=_ptr(lin.bias),
-                                dtype=dtype, stream=self._stream(), **scales)
+            self.fk.skinny_gemm(h.data_ptr(), lin.weight.data_ptr(), out.data_ptr(), m, n, k, **self._operands(lin))
 
         def cublaslt():
-            self.fk.gemm(h.data_ptr(), lin.weight.data_ptr(), out.data_ptr(), m, n, k,
-                         workspace=self.workspace.data_ptr(), workspace_size=WORKSPACE_BYTES, dtype=dtype,
-                         bias=_ptr(lin.bias), epilogue="gelu_tanh" if act == "gelu_tanh" else "none",
-                         autotune=self.autotune, stream=self._stream(), **scales)
+            self._gemm_lt(h, lin, out, act=act)
 
-        if m <= SKINNY_MAX_M and act is None and self._skinny_is_faster((m, n, k, dtype), skinny, cublaslt):
+        if m <= SKINNY_MAX_M and act is None and self._skinny_is_faster((m, n, k, _dtype(lin)), skinny, cublaslt):
             skinny()
         else:
             cublaslt()
         return out if out_for is None else self.to_input_of(out, out_for)
+
+    def _gemm_lt(self, h, lin, out, act=None):
+        m, (n, k) = h.shape[0], lin.weight.shape
+        self.fk.gemm(h.data_ptr(), lin.weight.data_ptr(), out.data_ptr(), m, n, k, workspace=self.workspace.data_ptr(),
+                     workspace_size=WORKSPACE_BYTES, epilogue="gelu_tanh" if act == "gelu_tanh" else "none",
+                     autotune=self.autotune, **self._operands(lin))
+
+    def _skinny_ready(self, h, lin) -> torch.Tensor | None:
+        """h as the skinny GEMM's operand for ``lin`` (quantised for FP8), or None where that
+        kernel does not apply (calibration, shapes, M > 64)."""
+        n, k = lin.weight.shape
+        mult = 16 if lin.fp8 else 8
+        if (self.calibrating or lin.weight.dtype == torch.float32 or h.dim() != 2 or h.shape[0] > SKINNY_MAX_M
+                or k % mult or n % mult):
+            return None
+        return self._operand(h, lin)
+
+    def _operand(self, h, lin):
+        """h in the format ``lin``'s GEMM reads (E4M3 at its act scale, or bf16), contiguous."""
+        if lin.fp8 and h.dtype != torch.float8_e4m3fn:
+            h = self.to_input_of(h, lin)
+        elif not lin.fp8 and h.dtype != torch.bfloat16:
+            h = h.to(torch.bfloat16)
+        return h.contiguous()
+
+    def _operands(self, lin):
+        scales = dict(x_scale=_ptr(lin.act_scale), w_scale=_ptr(lin.weight_scale)) if lin.fp8 else {}
+        return dict(bias=_ptr(lin.bias), dtype=_dtype(lin), stream=self._stream(), **scales)
+
+    def linear_geglu(self, h, lin, *, out_for=None):
+        """GEMM + GeGLU in one kernel where the weight rows are interleaved for it (expert layers)."""
+        x = self._skinny_ready(h, lin) if lin.row_order == "geglu" else None
+        if x is None:
+            return super().linear_geglu(h, lin, out_for=out_for)
+        (m, k), n = x.shape, lin.weight.shape[0]
+        fp8_out = out_for is not None and out_for.fp8
+        out = torch.empty((m, n // 2), dtype=torch.float8_e4m3fn if fp8_out else torch.bfloat16, device=x.device)
+        out_scale = out_for.act_scale.data_ptr() if fp8_out else 0
+
+        def fused():
+            self.fk.skinny_gemm_geglu(x.data_ptr(), lin.weight.data_ptr(), out.data_ptr(), m, n, k,
+                                      out_scale=out_scale, **self._operands(lin))
+
+        def two_kernels():  # cuBLASLt on the same (interleaved) rows, then the interleaved GeGLU pass
+            gate_up = torch.empty((m, n), dtype=torch.bfloat16, device=x.device)
+            self._gemm_lt(x, lin, gate_up)
+            self.fk.geglu(gate_up.data_ptr(), out.data_ptr(), m, n // 2, out_scale=out_scale, interleaved=True,
+                          stream=self._stream())
+
+        if self._skinny_is_faster((m, n, k, _dtype(lin), "geglu"), fused, two_kernels):
+            fused()
+        else:
+            two_kernels()
+        return out
+
+    def linear_rope_qkv(self, h, lin, *, num_heads, k_cache, v_cache, start, cos, sin, positions):
+        """QKV GEMM + RoPE + KV-cache write in one kernel where the weight rows are ordered for it."""
+        x = self._skinny_ready(h, lin) if lin.row_order == "rope" else None
+        if x is None or k_cache.dtype != torch.bfloat16 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+            return super().linear_rope_qkv(h, lin, num_heads=num_heads, k_cache=k_cache, v_cache=v_cache, start=start,
+                                           cos=cos, sin=sin, positions=positions)
+        m, k = x.shape
+        hkv, hd = k_cache.shape[1], k_cache.shape[2]
+        q = torch.empty((m, num_heads, hd), dtype=torch.bfloat16, device=x.device)
+        self.fk.skinny_gemm_rope_qkv(x.data_ptr(), lin.weight.data_ptr(), positions.data_ptr(), q.data_ptr(),
+                                     k_cache.data_ptr(), v_cache.data_ptr(), m, k, num_heads, hkv, hd,
+                                     cache_offset=start, **self._operands(lin))
+        return q
 
     def _skinny_is_faster(self, shape, skinny, cublaslt) -> bool:
         """Which GEMM serves a skinny shape: measured once per shape (autotune >= 3) on the real
@@ -130,7 +209,7 @@ class KernelOps(TorchOps):
         else:
             self.fk.add_rms_norm(y.data_ptr(), x.data_ptr(), 0, out.data_ptr(), rows, hidden,
                                  gate=_ptr(gate.bf16) if gate is not None else 0, **common)
-        return out if lin is None or lin.weight.dtype != torch.float32 else out.float()
+        return out  # bf16 for an fp32 GEMM too: the fp32 small linear reads bf16 directly
 
     def layer_norm(self, x, *, lin, y=None):
         if not self._kernel_norm_ok(x, y):
@@ -146,7 +225,7 @@ class KernelOps(TorchOps):
         return out
 
     # activations ---------------------------------------------------------------------------------
-    def geglu(self, gate_up, *, out_for=None):
+    def geglu(self, gate_up, *, out_for=None):  # natural [gate | up] layout
         inter = gate_up.shape[-1] // 2
         if self.calibrating or gate_up.dtype != torch.bfloat16 or not gate_up.is_contiguous() or inter % 8:
             return super().geglu(gate_up, out_for=out_for)
@@ -169,12 +248,13 @@ class KernelOps(TorchOps):
                          t, num_heads, hkv, hd, cache_offset=start, stream=self._stream())
         return q
 
-    def attention(self, q, k, v):
+    def attention(self, q, k, v, *, out_for=None):
         if self.calibrating or q.dtype != torch.bfloat16 or q.shape[-1] not in (64, 72, 128, 256):
-            return super().attention(q, k, v)
+            return super().attention(q, k, v, out_for=out_for)
         t, h, d = q.shape
         s, hkv, _ = k.shape
-        out = torch.empty((t, h * d), dtype=torch.bfloat16, device=q.device)
+        fp8_out = out_for is not None and out_for.fp8  # written as the FP8 GEMM's input: no quantise pass
+        out = torch.empty((t, h * d), dtype=torch.float8_e4m3fn if fp8_out else torch.bfloat16, device=q.device)
         split = t <= SKINNY_MAX_M and h <= 16  # few queries against a long cache: split the keys
         if hkv == 1 and q.is_contiguous():
             # MQA: every query head reads the same K/V, so fold the heads into rows ([t, h, d] is
@@ -185,7 +265,8 @@ class KernelOps(TorchOps):
             num_heads_q=h, num_heads_kv=hkv, head_dim=d, q_strides=(t * h * d, h * d, d),
             k_strides=(s * hkv * d, hkv * d, d), v_strides=(s * hkv * d, hkv * d, d), o_strides=(t * h * d, h * d, d),
             softmax_scale=d**-0.5, dtype="bf16", lse_accum=self.lse_accum.data_ptr() if split else 0,
-            o_accum=self.o_accum.data_ptr() if split else 0, num_splits=0 if split else 1, stream=self._stream(),
+            o_accum=self.o_accum.data_ptr() if split else 0, num_splits=0 if split else 1,
+            out_scale=out_for.act_scale.data_ptr() if fp8_out else 0, stream=self._stream(),
         )
         return out
 
@@ -206,17 +287,26 @@ class KernelOps(TorchOps):
         return out
 
 
-def _median_us(fn, reps: int = 15) -> float:
+def _dtype(lin) -> str:
+    return "fp8" if lin.fp8 else "bf16"
+
+
+def _median_us(fn, reps: int = 9, calls: int = 20) -> float:
+    """Median GPU time of one call, over reps of ``calls`` back-to-back calls. The stream first
+    sleeps on the GPU while the host enqueues them all, so the calls run back to back as in a graph
+    replay: timing host launches (~10-20 us from Python) would hide the kernels' differences."""
     for _ in range(3):
         fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(reps):
+        torch.cuda._sleep(2_000_000)  # ~1 ms of GPU cycles: longer than enqueueing the calls
         start.record()
-        fn()
+        for _ in range(calls):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
+        times.append(start.elapsed_time(end) * 1e3 / calls)
     return sorted(times)[reps // 2]
 
 
@@ -251,7 +341,14 @@ def _check(device) -> tuple[bool, str]:
 @torch.no_grad()
 def self_check(device) -> dict[str, float]:
     """Cosine of every KernelOps op against TorchOps on random data at Pi0.5-like shapes."""
-    from flash_rt.models.hopper_ops import Gate, Modulation, make_linear  # noqa: PLC0415
+    from flash_rt.models.hopper_ops import (  # noqa: PLC0415
+        Gate,
+        Modulation,
+        geglu_row_order,
+        make_linear,
+        reorder_rows,
+        rope_row_order,
+    )
 
     g = torch.Generator(device=device).manual_seed(0)
     bf = torch.bfloat16
@@ -303,6 +400,31 @@ def self_check(device) -> dict[str, float]:
         yv = rnd(256, 1152)
         vk, vr = v.clone(), v.clone()
         out[f"layer_norm_{tag}"] = cos(kern.layer_norm(vk, lin=None, y=yv).float(), ref.layer_norm(vr, lin=None, y=yv).float())
+        # GEMM + GeGLU in one kernel (gate / up rows interleaved), FP8 or bf16 out
+        gate_up = rnd(2 * 1024, width, dtype=torch.float32, scale=width**-0.5)
+        order = geglu_row_order(1024)
+        w, _ = reorder_rows(gate_up, None, order)
+        fused = make_linear("gate_up", w, None, act_dtype=bf, device=device, fp8=fp8)
+        fused.row_order, fused.inverse_order = "geglu", torch.argsort(order).to(device)
+        down_in = make_linear("down_in", rnd(width, 1024, dtype=torch.float32), None, act_dtype=bf, device=device,
+                              fp8=fp8)
+        if fp8:
+            for lin in (fused, down_in):
+                lin.act_scale.fill_(4.0 / 448)
+                lin.inv_act_scale.fill_(448 / 4.0)
+        x = rnd(50, width)
+        gk, gr = kern.linear_geglu(x, fused, out_for=down_in), ref.linear_geglu(x, fused, out_for=down_in)
+        if fp8:
+            gk, gr = gk.float() * down_in.act_scale, gr.float() * down_in.act_scale
+        out[f"linear_geglu_{tag}"] = cos(gk.float(), gr.float())
+    # fp32 small linear, written in place and accumulated
+    small = make_linear("small", rnd(32, width, dtype=torch.float32, scale=width**-0.5),
+                        rnd(32, dtype=torch.float32), act_dtype=torch.float32, device=device, fp8=False)
+    h, acc = rnd(50, width), rnd(50, 32, dtype=torch.float32)
+    acc_k, acc_r = acc.clone(), acc.clone()
+    kern.linear(h, small, out=acc_k, accumulate=True)
+    ref.linear(h, small, out=acc_r, accumulate=True)
+    out["small_linear_accumulate"] = cos(acc_k, acc_r)
     # RoPE + cache write, MQA attention over the cache (prefix-like and suffix-like), SigLIP attention
     from flash_rt.models.paligemma_hopper import rope_tables  # noqa: PLC0415
 
@@ -321,6 +443,27 @@ def self_check(device) -> dict[str, float]:
         end = start + t
         out[f"attention_t{t}"] = cos(kern.attention(qk, kc[0][:end], vc[0][:end]).float(),
                                      ref.attention(qr, kc[1][:end], vc[1][:end]).float())
+    # the same through the fused QKV GEMM + RoPE (rows ordered for it), and attention with FP8 out
+    qkv_w = rnd((heads + 2) * hd, width, dtype=torch.float32, scale=width**-0.5)
+    order = rope_row_order(heads, 1, hd)
+    w, _ = reorder_rows(qkv_w, None, order)
+    fused = make_linear("qkv", w, None, act_dtype=bf, device=device, fp8=False)
+    fused.row_order, fused.inverse_order = "rope", torch.argsort(order).to(device)
+    x = rnd(50, width)
+    start = 700
+    args = dict(num_heads=heads, start=start, cos=cos_t[start : start + 50], sin=sin_t[start : start + 50],
+                positions=positions[start : start + 50])
+    qk = kern.linear_rope_qkv(x, fused, k_cache=kc[0], v_cache=vc[0], **args)
+    qr = ref.linear_rope_qkv(x, fused, k_cache=kc[1], v_cache=vc[1], **args)
+    out["linear_rope_q"] = cos(qk.float(), qr.float())
+    out["linear_rope_k"] = cos(kc[0][start : start + 50].float(), kc[1][start : start + 50].float())
+    out["linear_rope_v"] = cos(vc[0][start : start + 50].float(), vc[1][start : start + 50].float())
+    o_lin = make_linear("o", rnd(width, heads * hd, dtype=torch.float32), None, act_dtype=bf, device=device, fp8=True)
+    o_lin.act_scale.fill_(2.0 / 448)
+    o_lin.inv_act_scale.fill_(448 / 2.0)
+    a8 = kern.attention(qk, kc[0][: start + 50], vc[0][: start + 50], out_for=o_lin)
+    out["attention_fp8_out"] = cos(a8.float() * o_lin.act_scale, ref.attention(qr, kc[1][: start + 50],
+                                                                                vc[1][: start + 50]).float())
     qkv = rnd(2 * 256, 3 * 1152)
     out["vision_attention"] = cos(kern.vision_attention(qkv, 2, 256, 16).float(), ref.vision_attention(qkv, 2, 256, 16).float())
     torch.cuda.synchronize(device)

@@ -36,6 +36,10 @@ class Linear:
     FP8: ``weight`` is float8_e4m3fn with ``weight_scale`` (fp32 scalar tensor) so that
     W ~= weight * weight_scale; ``act_scale`` / ``inv_act_scale`` are the static input scale,
     ``amax`` collects the input's absolute max while calibrating.
+
+    ``row_order`` (None: natural): the weight's rows were permuted for a fused GEMM epilogue
+    (``"geglu"``: gate / up interleaved; ``"rope"``: RoPE pairs adjacent in q / k heads); its output
+    columns come out in that order and ``inverse_order`` restores the natural one.
     """
 
     name: str
@@ -45,6 +49,8 @@ class Linear:
     act_scale: torch.Tensor | None = None
     inv_act_scale: torch.Tensor | None = None
     amax: torch.Tensor | None = None
+    row_order: str | None = None
+    inverse_order: torch.Tensor | None = None
 
     @property
     def fp8(self) -> bool:
@@ -93,6 +99,27 @@ def make_linear(name, weight, bias, *, act_dtype, device, fp8: bool) -> Linear:
     )
 
 
+def geglu_row_order(inter: int) -> torch.Tensor:
+    """Rows of a fused [gate; up] weight (2 * inter rows) interleaved: gate_0, up_0, gate_1, ..."""
+    return torch.stack([torch.arange(inter), torch.arange(inter) + inter], dim=1).reshape(-1)
+
+
+def rope_row_order(num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """Rows of a fused [q; k; v] weight with each q and k head's RoPE pairs (i, i + D/2) adjacent;
+    v heads unchanged."""
+    half = head_dim // 2
+    within = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).reshape(-1)
+    heads = [h * head_dim + within for h in range(num_heads + num_kv_heads)]
+    first_v = (num_heads + num_kv_heads) * head_dim
+    return torch.cat([*heads, torch.arange(first_v, first_v + num_kv_heads * head_dim)])
+
+
+def reorder_rows(weight, bias, order: torch.Tensor):
+    """A fp32 weight (N, K) and bias with rows in ``order`` (new row r = old row order[r])."""
+    order = order.to(weight.device)
+    return weight[order].contiguous(), (None if bias is None else bias[order].contiguous())
+
+
 def _rms(x: torch.Tensor) -> torch.Tensor:
     """x * rsqrt(mean(x^2) + eps), in x's dtype (fp32 here); torch's fused op where it has one."""
     if hasattr(F, "rms_norm"):
@@ -125,9 +152,21 @@ class TorchOps:
         return h.to(self.act_dtype) if lin is None or lin.weight.dtype != torch.float32 else h.float()
 
     # GEMMs -----------------------------------------------------------------------------------
-    def linear(self, h: torch.Tensor, lin: Linear, *, act: str | None = None, out_for: Linear | None = None):
+    def linear(self, h: torch.Tensor, lin: Linear, *, act: str | None = None, out_for: Linear | None = None,
+               out: torch.Tensor | None = None, accumulate: bool = False):
         """h @ W^T + b (h in any format; quantised here when lin is FP8 and h is not), then
-        optionally GELU-tanh, returned in the format ``out_for`` reads (default act_dtype)."""
+        optionally GELU-tanh, returned in the format ``out_for`` reads (default act_dtype).
+        ``out``: written there (``accumulate``: added to it) and returned."""
+        result = self._linear(h, lin, act=act, out_for=out_for)
+        if out is None:
+            return result
+        if accumulate:
+            out.add_(result)
+        else:
+            out.copy_(result)
+        return out
+
+    def _linear(self, h, lin, *, act=None, out_for=None):
         if lin.fp8 and h.dtype != torch.float8_e4m3fn:
             h = self.to_input_of(h, lin)
         elif not lin.fp8 and h.dtype != lin.weight.dtype:
@@ -145,6 +184,18 @@ class TorchOps:
         if act == "gelu_tanh":
             out = F.gelu(out, approximate="tanh")
         return out if out_for is None else self.to_input_of(out, out_for)
+
+    def natural_columns(self, out: torch.Tensor, lin: Linear) -> torch.Tensor:
+        """``out`` of ``lin`` with its columns back in the natural order (see Linear.row_order)."""
+        return out if lin.row_order is None else out.index_select(-1, lin.inverse_order)
+
+    def linear_geglu(self, h, lin: Linear, *, out_for: Linear | None = None):
+        """geglu(h @ W^T) for a fused [gate | up] ``lin`` (any row order), in ``out_for``'s format."""
+        return self.geglu(self.natural_columns(self.linear(h, lin), lin), out_for=out_for)
+
+    def linear_rope_qkv(self, h, lin: Linear, **rope):
+        """rope_qkv(h @ W^T) for a fused q|k|v ``lin`` (any row order); returns q (T, H, D)."""
+        return self.rope_qkv(self.natural_columns(self.linear(h, lin), lin), **rope)
 
     # norms -------------------------------------------------------------------------------------
     def _residual(self, x, y, gate):
@@ -195,8 +246,9 @@ class TorchOps:
         c, s = cos[:, None, :], sin[:, None, :]
         return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Unmasked attention of q (T, H, D) over k, v (S, Hkv, D); returns (T, H * D).
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out_for: Linear | None = None):
+        """Unmasked attention of q (T, H, D) over k, v (S, Hkv, D); returns (T, H * D) (``out_for``:
+        the GEMM that reads it; the kernels may return its input format, here act_dtype).
 
         With one KV head (Gemma's MQA) and no mask, every head attends to the same keys, so the
         H heads are just H * T queries of one head: no transposes, no GQA expansion."""

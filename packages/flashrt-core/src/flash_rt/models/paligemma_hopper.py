@@ -34,7 +34,15 @@ import numpy as np
 import torch
 
 from flash_rt.errors import CalibrationError, ConfigError, HardwareError, InputError
-from flash_rt.models.hopper_ops import FP8_MAX, Linear, default_ops, make_linear
+from flash_rt.models.hopper_ops import (
+    FP8_MAX,
+    Linear,
+    default_ops,
+    geglu_row_order,
+    make_linear,
+    reorder_rows,
+    rope_row_order,
+)
 
 VISION = "paligemma_with_expert.paligemma.model.vision_tower.vision_model."
 PROJECTOR = "paligemma_with_expert.paligemma.model.multi_modal_projector.linear."
@@ -178,11 +186,18 @@ class PaliGemmaHopperPipeline:
         self._sdpa_backends = None
 
     # ------------------------------------------------------------------ weight preparation
-    def _lin(self, name, weight, bias=None, *, fp8=True, dtype=None) -> Linear:
-        return make_linear(
+    def _lin(self, name, weight, bias=None, *, fp8=True, dtype=None, row_order=None) -> Linear:
+        """row_order: None, or (kind, order) to permute the rows for a fused GEMM epilogue."""
+        if row_order is not None:
+            weight, bias = reorder_rows(weight, bias, row_order[1])
+        lin = make_linear(
             name, weight, bias, act_dtype=dtype or self.act_dtype, device=self.device,
             fp8=fp8 and self.use_fp8 and dtype is None and not self.keeps_bf16(name),
         )
+        if row_order is not None:
+            lin.row_order = row_order[0]
+            lin.inverse_order = torch.argsort(row_order[1]).to(self.device)
+        return lin
 
     def keeps_bf16(self, name: str) -> bool:
         """Whether the GEMM ``name`` stays bf16 under use_fp8 (``fp8_keep_bf16``)."""
@@ -258,6 +273,11 @@ class PaliGemmaHopperPipeline:
 
     def _prepare_expert(self, sd):
         d = self.config.expert
+        # The compiled kernels fuse RoPE into the QKV GEMM and GeGLU into the gate/up GEMM when the
+        # weight rows come in the order their epilogues read (the 50-row expert GEMMs only).
+        fused = getattr(self.ops, "fused_epilogues", False)
+        qkv_order = ("rope", rope_row_order(d.num_heads, d.num_kv_heads, d.head_dim)) if fused else None
+        gate_up_order = ("geglu", geglu_row_order(d.mlp_dim)) if fused else None
         self.expert = []
         for i in range(d.depth):
             p = EXPERT + f"layers.{i}."
@@ -268,9 +288,9 @@ class PaliGemmaHopperPipeline:
             if w_in is not None:
                 qkv, gate_up = qkv * w_in, gate_up * w_post
             self.expert.append(GemmaLayer(
-                qkv=self._lin(f"expert.{i}.qkv", qkv),
+                qkv=self._lin(f"expert.{i}.qkv", qkv, row_order=qkv_order),
                 o=self._lin(f"expert.{i}.o", sd.take(p + "self_attn.o_proj.weight")),
-                gate_up=self._lin(f"expert.{i}.gate_up", gate_up),
+                gate_up=self._lin(f"expert.{i}.gate_up", gate_up, row_order=gate_up_order),
                 down=self._lin(f"expert.{i}.down", sd.take(p + "mlp.down_proj.weight")),
             ))
 
@@ -354,21 +374,23 @@ class PaliGemmaHopperPipeline:
             q = self._rope_qkv(ops.linear(h, layer.qkv), i, 0, n, d.num_heads)
             if layer.o is None:  # last layer: only its K/V are ever read (by the suffix)
                 break
-            y = ops.linear(self._attend(q, i, n), layer.o)
+            y = ops.linear(self._attend(q, i, n, out_for=layer.o), layer.o)
             h = ops.rms_norm(x, lin=layer.gate_up, y=y)
             y = ops.linear(ops.geglu(ops.linear(h, layer.gate_up), out_for=layer.down), layer.down)
 
     def _rope_qkv(self, qkv, layer, start, n, num_heads):
-        return self.ops.rope_qkv(
-            qkv, num_heads=num_heads, k_cache=self.k_layers[layer], v_cache=self.v_layers[layer], start=start,
-            cos=self.rope_cos[start : start + n], sin=self.rope_sin[start : start + n],
-            positions=self.positions[start : start + n],
-        )
+        return self.ops.rope_qkv(qkv, **self._rope_args(layer, start, n, num_heads))
 
-    def _attend(self, q, layer, kv_len):
-        """q (T, H, D) over the first kv_len cached keys of ``layer`` -> (T, H * D)."""
+    def _rope_args(self, layer, start, n, num_heads) -> dict:
+        return dict(num_heads=num_heads, k_cache=self.k_layers[layer], v_cache=self.v_layers[layer], start=start,
+                    cos=self.rope_cos[start : start + n], sin=self.rope_sin[start : start + n],
+                    positions=self.positions[start : start + n])
+
+    def _attend(self, q, layer, kv_len, out_for=None):
+        """q (T, H, D) over the first kv_len cached keys of ``layer`` -> (T, H * D), in the format
+        ``out_for`` (the GEMM that reads it) takes where the ops can write that directly."""
         if self.attention_backend is None:
-            return self.ops.attention(q, self.k_layers[layer][:kv_len], self.v_layers[layer][:kv_len])
+            return self.ops.attention(q, self.k_layers[layer][:kv_len], self.v_layers[layer][:kv_len], out_for=out_for)
         t = q.shape[0]
         self.q_slot[:t].copy_(q)
         stream = torch.cuda.current_stream().cuda_stream if self.is_cuda else 0
@@ -445,12 +467,12 @@ class PaliGemmaHopperPipeline:
         y = gate = None
         for i, layer in enumerate(self.expert):
             h = self.expert_norm(x, step, i, 0, lin=layer.qkv, y=y, gate=gate)
-            q = self._rope_qkv(ops.linear(h, layer.qkv), i, start, x.shape[0], d.num_heads)
+            q = ops.linear_rope_qkv(h, layer.qkv, **self._rope_args(i, start, x.shape[0], d.num_heads))
             if stop_after_kv and i == last:
                 return None, None
-            y = ops.linear(self._attend(q, i, end), layer.o)
+            y = ops.linear(self._attend(q, i, end, out_for=layer.o), layer.o)
             h = self.expert_norm(x, step, i, 1, lin=layer.gate_up, y=y, gate=self.expert_gate(step, i, 0))
-            y = ops.linear(ops.geglu(ops.linear(h, layer.gate_up), out_for=layer.down), layer.down)
+            y = ops.linear(ops.linear_geglu(h, layer.gate_up, out_for=layer.down), layer.down)
             gate = self.expert_gate(step, i, 1)
         return y, gate
 
@@ -464,15 +486,16 @@ class PaliGemmaHopperPipeline:
     def run_after_prefix(self, bucket: Bucket):
         """Hook between the prefix and the denoise loop (Pi0: its state token)."""
 
-    def denoise_delta(self, bucket: Bucket, step: int) -> torch.Tensor:
-        """dt * v(x_t, t_step) (dt is folded into action_out_proj), (H, action_dim) fp32."""
+    def denoise_delta(self, bucket: Bucket, step: int, *, out=None, accumulate=False) -> torch.Tensor:
+        """dt * v(x_t, t_step) (dt is folded into action_out_proj), (H, action_dim) fp32; written
+        into ``out`` (added to it with ``accumulate``) by the final GEMM itself when given."""
         raise NotImplementedError
 
     @torch.no_grad()
     def run_denoise(self, bucket: Bucket):
         self.x_t.copy_(self.noise)
-        for step in range(self.num_steps):
-            self.x_t.add_(self.denoise_delta(bucket, step))
+        for step in range(self.num_steps):  # the Euler step x_t += dt * v, fused into the last GEMM
+            self.denoise_delta(bucket, step, out=self.x_t, accumulate=True)
         self.actions.copy_(self.x_t)
 
     @torch.no_grad()
