@@ -4,7 +4,9 @@ The interface is shaped by the fusions a GPU wants, not by torch: a norm also ad
 residual (``y``, optionally gated) and emits its output in the format the next GEMM reads (FP8 at
 that GEMM's static activation scale, or the activation dtype); RoPE splits a fused QKV row, rotates
 q and k and writes k / v straight into the KV cache; a GEMM may apply GELU and quantise for the GEMM
-after it. Two implementations:
+after it; ``linear_rope_qkv`` / ``linear_geglu`` are a GEMM and the op that reads its output, which
+the compiled kernels run as one kernel (the expert's weight rows are then ordered for it, see
+``Linear.row_order``). Two implementations:
 
 * ``TorchOps`` - plain PyTorch: cuBLAS (``F.linear``), ``torch._scaled_mm`` for FP8 E4M3 with
   per-tensor scales, SDPA, elementwise torch for the rest. Its residual stream is fp32. The same
@@ -135,6 +137,7 @@ class TorchOps:
     residual_dtype = torch.float32
     fallback_reason = None  # why the compiled kernels are not in use, when they were wanted
     autotune = 0
+    fused_epilogues = False  # True: the pipeline orders the expert's rows for fused GEMM epilogues
 
     def __init__(self, act_dtype: torch.dtype):
         self.act_dtype = act_dtype

@@ -275,7 +275,7 @@ class PaliGemmaHopperPipeline:
         d = self.config.expert
         # The compiled kernels fuse RoPE into the QKV GEMM and GeGLU into the gate/up GEMM when the
         # weight rows come in the order their epilogues read (the 50-row expert GEMMs only).
-        fused = getattr(self.ops, "fused_epilogues", False)
+        fused = self.ops.fused_epilogues
         qkv_order = ("rope", rope_row_order(d.num_heads, d.num_kv_heads, d.head_dim)) if fused else None
         gate_up_order = ("geglu", geglu_row_order(d.mlp_dim)) if fused else None
         self.expert = []
