@@ -174,9 +174,10 @@ class KernelOps(TorchOps):
         return q
 
     def _skinny_is_faster(self, shape, skinny, cublaslt) -> bool:
-        """Which GEMM serves a skinny shape: measured once per shape (autotune >= 3) on the real
-        operands, outside graph capture; the weight-streaming kernel is not faster than cuBLASLt
-        on every shape and card, so neither is assumed."""
+        """Whether the skinny kernel (for gate/up: the skinny GEMM with its GeGLU epilogue) beats
+        cuBLASLt (for gate/up: cuBLASLt + the GeGLU pass) at a shape: measured once per shape
+        (autotune >= 3) on the real operands, outside graph capture. Neither wins on every shape
+        and card (H100, FP8: cuBLASLt won most expert shapes), so neither is assumed."""
         choice = self._skinny_choice.get(shape)
         if choice is not None:
             return choice
