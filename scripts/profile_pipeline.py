@@ -15,22 +15,19 @@ Prints one table per case; the JSON holds every kernel row.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import statistics
+from pathlib import Path
 
 import numpy as np
 import torch
 
-
-def _pipeline_class(model_type):
-    if model_type == "pi05":
-        from flashrt_pi05.pipeline_hopper import Pi05HopperPipeline
-
-        return Pi05HopperPipeline
-    from flashrt_pi0.pipeline_hopper import Pi0HopperPipeline
-
-    return Pi0HopperPipeline
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("hopper_testing", ROOT / "packages/flashrt-pi05/tests/hopper_testing.py")
+ht = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ht)
 
 
 def _median_replay_ms(graph, iters=50):
@@ -85,7 +82,7 @@ def _profile_graph(graph):
 
 
 def run_case(config, sd, views, precision, prompt_len, seed=0):
-    cls = _pipeline_class(config.model_type)
+    cls = ht.pipeline_class(config.model_type)
     pipe = cls(sd, config, num_views=views, use_fp8=precision == "fp8")
     pipe.autotune_attention(3)  # as load_model's default autotune=3
     rng = np.random.default_rng(seed)

@@ -88,3 +88,14 @@ def gemm_ref(x, w, alpha=1.0, bias=None, residual=None, beta=1.0, gelu=False):
     if residual is not None:
         y = y + beta * residual.double()
     return y
+
+
+def rope_ref(x, positions, theta=10000.0):
+    """openpi's split-half RoPE in fp32: x [T, H, D], positions [T]."""
+    d = x.shape[-1]
+    freq_exponents = (2.0 / d) * torch.arange(d // 2, dtype=F32, device=x.device)
+    timescale = theta**freq_exponents
+    radians = positions.float()[:, None, None] / timescale[None, None, :]
+    sin, cos = torch.sin(radians), torch.cos(radians)
+    x1, x2 = x.float()[..., : d // 2], x.float()[..., d // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)

@@ -24,6 +24,7 @@ from flashrt_kernels_testlib import (  # noqa: E402
     check_rel,
     poisoned,
     rnd,
+    rope_ref,
     scalar,
     stream,
 )
@@ -36,17 +37,6 @@ pytestmark = [
 
 # ------------------------------------------------------------------------------------------------
 # RoPE + QKV split + KV-cache write
-
-
-def rope_ref(x, positions, theta=10000.0):
-    """openpi's split-half RoPE in fp32: x [T, H, D], positions [T]."""
-    d = x.shape[-1]
-    freq_exponents = (2.0 / d) * torch.arange(d // 2, dtype=F32, device=x.device)
-    timescale = theta**freq_exponents
-    radians = positions.float()[:, None, None] / timescale[None, None, :]
-    sin, cos = torch.sin(radians), torch.cos(radians)
-    x1, x2 = x.float()[..., : d // 2], x.float()[..., d // 2:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
 @pytest.mark.parametrize("tokens,hq,hkv,d,offset", [(968, 8, 1, 256, 0), (50, 8, 1, 256, 968), (200, 16, 8, 128, 5),

@@ -23,6 +23,7 @@ from flashrt_kernels_testlib import (  # noqa: E402
     gemm_ref,
     poisoned,
     rnd,
+    rope_ref,
     scalar,
     stream,
 )
@@ -289,15 +290,6 @@ def test_skinny_gemm_geglu(m, k, inter, dtype, out_fp8):
         check(out, ref, atol=2e-2 * ref.abs().max().item(), rtol=2e-2, what=f"skinny geglu {dtype}")
 
 
-def _rope_ref(x, positions, theta=10000.0):
-    d = x.shape[-1]
-    timescale = theta ** ((2.0 / d) * torch.arange(d // 2, dtype=torch.float32, device=x.device))
-    radians = positions.float()[:, None, None] / timescale[None, None, :]
-    sin, cos = torch.sin(radians), torch.cos(radians)
-    x1, x2 = x.float()[..., : d // 2], x.float()[..., d // 2:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-
-
 @pytest.mark.parametrize("m,k,hq,hkv,d,offset", [(50, 1024, 8, 1, 256, 577), (1, 1024, 8, 1, 256, 600),
                                                  (13, 256, 4, 2, 64, 3), (9, 128, 2, 1, 72, 0)])
 @pytest.mark.parametrize("dtype", ["bf16", "fp8"])
@@ -327,8 +319,8 @@ def test_skinny_gemm_rope_qkv(m, k, hq, hkv, d, offset, dtype):
                             **args)
     q, kk, v = qkv.view(m, hq + 2 * hkv, d).split([hq, hkv, hkv], dim=1)
     sl = slice(offset, offset + m)
-    check(q_out, _rope_ref(q, positions), atol=2e-2, rtol=2e-2, what=f"fused rope q {dtype}")
-    check(k_cache[sl], _rope_ref(kk, positions), atol=2e-2, rtol=2e-2, what=f"fused rope k {dtype}")
+    check(q_out, rope_ref(q, positions), atol=2e-2, rtol=2e-2, what=f"fused rope q {dtype}")
+    check(k_cache[sl], rope_ref(kk, positions), atol=2e-2, rtol=2e-2, what=f"fused rope k {dtype}")
     check(v_cache[sl], v, atol=2e-2, rtol=2e-2, what=f"fused v {dtype}")
     outside = torch.ones(rows, dtype=torch.bool)
     outside[sl] = False

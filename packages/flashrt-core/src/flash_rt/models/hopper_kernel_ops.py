@@ -84,13 +84,18 @@ class KernelOps(TorchOps):
                 and (out is None or (out.is_contiguous() and out.dtype in _DTYPE_NAMES
                                      and out.shape == (h.shape[0], lin.weight.shape[0]))))
 
-    def _linear(self, h, lin, *, act=None, out_for=None):
+    def _kernel_gemm_ok(self, h, lin) -> bool:
+        """Whether a compiled GEMM (cuBLASLt or skinny) takes h @ lin: not while calibrating, not
+        for the fp32 GEMMs, 2-D inputs, and the sizes the E4M3 / bf16 kernels need."""
         n, k = lin.weight.shape
         mult = 16 if lin.fp8 else 8
-        if self.calibrating or lin.weight.dtype == torch.float32 or h.dim() != 2 or k % mult or n % mult:
+        return not (self.calibrating or lin.weight.dtype == torch.float32 or h.dim() != 2 or k % mult or n % mult)
+
+    def _linear(self, h, lin, *, act=None, out_for=None):
+        if not self._kernel_gemm_ok(h, lin):
             return super()._linear(h, lin, act=act, out_for=out_for)
         h = self._operand(h, lin)
-        m = h.shape[0]
+        m, (n, k) = h.shape[0], lin.weight.shape
         out = torch.empty((m, n), dtype=torch.bfloat16, device=h.device)
 
         def skinny():
@@ -114,10 +119,7 @@ class KernelOps(TorchOps):
     def _skinny_ready(self, h, lin) -> torch.Tensor | None:
         """h as the skinny GEMM's operand for ``lin`` (quantised for FP8), or None where that
         kernel does not apply (calibration, shapes, M > 64)."""
-        n, k = lin.weight.shape
-        mult = 16 if lin.fp8 else 8
-        if (self.calibrating or lin.weight.dtype == torch.float32 or h.dim() != 2 or h.shape[0] > SKINNY_MAX_M
-                or k % mult or n % mult):
+        if not self._kernel_gemm_ok(h, lin) or h.shape[0] > SKINNY_MAX_M:
             return None
         return self._operand(h, lin)
 
@@ -343,6 +345,7 @@ def _check(device) -> tuple[bool, str]:
 def self_check(device) -> dict[str, float]:
     """Cosine of every KernelOps op against TorchOps on random data at Pi0.5-like shapes."""
     from flash_rt.models.hopper_ops import (  # noqa: PLC0415
+        FP8_MAX,
         Gate,
         Modulation,
         geglu_row_order,
@@ -361,6 +364,10 @@ def self_check(device) -> dict[str, float]:
         a, b = a.double().flatten(), b.double().flatten()
         return float(a @ b / (a.norm() * b.norm()))
 
+    def static_scale(lin, amax):  # as set_act_amax sets a calibrated FP8 input scale
+        lin.act_scale.fill_(amax / FP8_MAX)
+        lin.inv_act_scale.fill_(FP8_MAX / amax)
+
     kern, ref = KernelOps(bf, device), TorchOps(bf)
     out = {}
     width, heads, hd = 1024, 8, 256
@@ -370,15 +377,13 @@ def self_check(device) -> dict[str, float]:
             lin = make_linear("check", rnd(4096, width, dtype=torch.float32, scale=width**-0.5), None,
                               act_dtype=bf, device=device, fp8=fp8)
             if fp8:
-                lin.act_scale.fill_(4.0 / 448)
-                lin.inv_act_scale.fill_(448 / 4.0)
+                static_scale(lin, 4.0)
             x = rnd(m, width)
             out[f"linear_{tag}_m{m}"] = cos(kern.linear(x, lin).float(), ref.linear(x, lin).float())
         down = make_linear("down", rnd(width, 2048, dtype=torch.float32, scale=2048**-0.5), None, act_dtype=bf,
                            device=device, fp8=fp8)
         if fp8:
-            down.act_scale.fill_(8.0 / 448)
-            down.inv_act_scale.fill_(448 / 8.0)
+            static_scale(down, 8.0)
         gu = rnd(50, 4096)
         out[f"geglu_{tag}"] = cos(kern.linear(kern.geglu(gu, out_for=down), down).float(),
                                   ref.linear(ref.geglu(gu, out_for=down), down).float())
@@ -411,8 +416,7 @@ def self_check(device) -> dict[str, float]:
                               fp8=fp8)
         if fp8:
             for lin in (fused, down_in):
-                lin.act_scale.fill_(4.0 / 448)
-                lin.inv_act_scale.fill_(448 / 4.0)
+                static_scale(lin, 4.0)
         x = rnd(50, width)
         gk, gr = kern.linear_geglu(x, fused, out_for=down_in), ref.linear_geglu(x, fused, out_for=down_in)
         if fp8:
@@ -460,8 +464,7 @@ def self_check(device) -> dict[str, float]:
     out["linear_rope_k"] = cos(kc[0][start : start + 50].float(), kc[1][start : start + 50].float())
     out["linear_rope_v"] = cos(vc[0][start : start + 50].float(), vc[1][start : start + 50].float())
     o_lin = make_linear("o", rnd(width, heads * hd, dtype=torch.float32), None, act_dtype=bf, device=device, fp8=True)
-    o_lin.act_scale.fill_(2.0 / 448)
-    o_lin.inv_act_scale.fill_(448 / 2.0)
+    static_scale(o_lin, 2.0)
     a8 = kern.attention(qk, kc[0][: start + 50], vc[0][: start + 50], out_for=o_lin)
     out["attention_fp8_out"] = cos(a8.float() * o_lin.act_scale, ref.attention(qr, kc[1][: start + 50],
                                                                                 vc[1][: start + 50]).float())
