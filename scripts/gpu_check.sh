@@ -12,6 +12,9 @@
 #   bash scripts/gpu_check.sh profile   build, per-kernel profile of the denoise graph and the stage
 #                                       replays (scripts/profile_pipeline.py); PROFILE_COMPILE=1 adds
 #                                       the torch.compile baseline (~6 min)
+#   bash scripts/gpu_check.sh compile   build, `flashrt bench` for Pi0.5 at 2 views against the reference
+#                                       under torch.compile(max-autotune) (~9 min: its own device call;
+#                                       the inductor cache comes back in $OUT as inductor_cache.tgz)
 #   bash scripts/gpu_check.sh all       both, with the model benchmark at BENCH_VIEWS (default 2) only
 #                                       (~5 min: one call that checks everything)
 set -uo pipefail
@@ -135,6 +138,26 @@ run_models() {
 if [ "$MODE" = models ]; then
   run_models
   exit $?
+fi
+
+# 3c. the torch.compile(max-autotune) baseline, alone in a call: its autotuning takes minutes.
+#     The inductor cache is kept (a later call that carries it back compiles far faster).
+if [ "$MODE" = compile ]; then
+  export TORCHINDUCTOR_CACHE_DIR="$ROOT/inductor_cache"
+  [ -f inductor_cache.tgz ] && tar xzf inductor_cache.tgz
+  T_C=$(limit 560 15)
+  timeout "$T_C" $PY -m flash_rt.cli bench --config pi05 --views 2 --precision fp8,bf16 --iters 100 \
+    --p99-iters 100 --no-eager --compile max-autotune --compile-budget-s $((T_C - 80)) \
+    --out "$OUT/pi05_compile.json" > "$OUT/bench_compile.log" 2>&1
+  c_rc=$?
+  tar czf "$RESULTS/inductor_cache.tgz" inductor_cache 2>/dev/null
+  echo
+  echo "==================== gpu_check compile summary ($(date -u +%FT%TZ)) ===================="
+  say "device:  $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
+  say "build:   $build_msg"
+  say "compile baseline: rc=$c_rc; AUTOTUNE tables: $(grep -c AUTOTUNE "$OUT/bench_compile.log")"
+  tail -16 "$OUT/bench_compile.log" | tee -a "$SUMMARY"
+  exit $c_rc
 fi
 
 # 3p. where the time goes: per-kernel profile of the denoise graph, stage replays; with
