@@ -1,6 +1,6 @@
 """A few launches of one op for Nsight Compute (run under ncu on the GPU machine):
     ncu --clock-control none -k regex:attn_fwd --launch-skip 2 --launch-count 1 python scripts/ncu_probe.py attn
-The op runs 4 times with the pipeline's shapes (the expert's denoise-step attention, 50 queries x 8
+(probes: attn and combine, the two kernels of the split-KV attention; gemm). The op runs 4 times with the pipeline's shapes (the expert's denoise-step attention, 50 queries x 8
 heads over 627 keys, or its skinny FP8 GEMMs)."""
 
 import sys
@@ -11,7 +11,7 @@ import flashrt_kernels as fk
 
 what = sys.argv[1] if len(sys.argv) > 1 else "attn"
 dev = "cuda"
-if what == "attn":
+if what in ("attn", "combine"):
     sq, sk, hq, d = 50, 627, 8, 256
     q = torch.randn(1, sq, hq, d, device=dev, dtype=torch.bfloat16)
     k = torch.randn(1, sk, 1, d, device=dev, dtype=torch.bfloat16)

@@ -363,8 +363,7 @@ __global__ void __launch_bounds__(H * kAttnHalfThreads) attn_fwd_kernel(AttnPara
         uint8_t* dst = static_cast<uint8_t*>(p.o) + o_idx;
 #pragma unroll
         for (int t = 0; t < S::kDt; ++t)
-          *reinterpret_cast<uint16_t*>(dst + t * 8 + 2 * q4) = __nv_cvt_float2_to_fp8x2(
-              make_float2(acc_o[t][2 * r] * inv8, acc_o[t][2 * r + 1] * inv8), __NV_SATFINITE, __NV_E4M3);
+          *reinterpret_cast<uint16_t*>(dst + t * 8 + 2 * q4) = fp8x2(acc_o[t][2 * r], acc_o[t][2 * r + 1], inv8);
       } else {
         T* dst = static_cast<T*>(p.o) + o_idx;
 #pragma unroll
@@ -422,9 +421,8 @@ __global__ void attn_combine_kernel(AttnParams p, int head_dim) {
       }
     }
     if (p.o_scale) {
-      const uint16_t lo = __nv_cvt_float2_to_fp8x2(make_float2(acc.x * inv8, acc.y * inv8), __NV_SATFINITE, __NV_E4M3);
-      const uint16_t hi = __nv_cvt_float2_to_fp8x2(make_float2(acc.z * inv8, acc.w * inv8), __NV_SATFINITE, __NV_E4M3);
-      *reinterpret_cast<uint32_t*>(static_cast<uint8_t*>(p.o) + o_idx + d0) = uint32_t(lo) | (uint32_t(hi) << 16);
+      *reinterpret_cast<uint32_t*>(static_cast<uint8_t*>(p.o) + o_idx + d0) =
+          uint32_t(fp8x2(acc.x, acc.y, inv8)) | (uint32_t(fp8x2(acc.z, acc.w, inv8)) << 16);
     } else {
       T* dst = static_cast<T*>(p.o) + o_idx + d0;
       dst[0] = T(acc.x);

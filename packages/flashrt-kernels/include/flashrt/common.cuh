@@ -43,15 +43,17 @@ __device__ __forceinline__ float round_bf16(float v) {
   return __bfloat162float(__float2bfloat16_rn(v));
 }
 
+// Two floats times inv_scale -> two saturated E4M3 bytes (a in the low byte).
+__device__ __forceinline__ uint16_t fp8x2(float a, float b, float inv_scale) {
+  return __nv_cvt_float2_to_fp8x2(make_float2(a * inv_scale, b * inv_scale), __NV_SATFINITE, __NV_E4M3);
+}
+
 // Eight floats times inv_scale -> eight saturated E4M3 bytes (one 8-byte store).
 __device__ __forceinline__ uint2 pack_fp8x8(const float (&v)[8], float inv_scale) {
   uint2 raw;
   uint16_t p[4];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    float2 f = make_float2(v[2 * i] * inv_scale, v[2 * i + 1] * inv_scale);
-    p[i] = __nv_cvt_float2_to_fp8x2(f, __NV_SATFINITE, __NV_E4M3);
-  }
+  for (int i = 0; i < 4; ++i) p[i] = fp8x2(v[2 * i], v[2 * i + 1], inv_scale);
   raw.x = uint32_t(p[0]) | (uint32_t(p[1]) << 16);
   raw.y = uint32_t(p[2]) | (uint32_t(p[3]) << 16);
   return raw;

@@ -214,8 +214,7 @@ __device__ __forceinline__ void store_geglu(const SkinnyGemmParams& p, int m, in
   const int64_t idx = int64_t(m) * (p.n / 2) + n / 2;
   if (p.out_scale) {
     const float inv = 1.0f / __ldg(p.out_scale);
-    *reinterpret_cast<uint16_t*>(static_cast<uint8_t*>(p.out) + idx) =
-        __nv_cvt_float2_to_fp8x2(make_float2(o0 * inv, o1 * inv), __NV_SATFINITE, __NV_E4M3);
+    *reinterpret_cast<uint16_t*>(static_cast<uint8_t*>(p.out) + idx) = fp8x2(o0, o1, inv);
   } else {
     *reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(p.out) + idx) = __floats2bfloat162_rn(o0, o1);
   }

@@ -325,6 +325,9 @@ class PaliGemmaHopperPipeline:
         if self.is_cuda:
             self.actions_host = torch.empty(self.actions.shape, dtype=f32, pin_memory=True)
             self.ids_host = torch.empty((self.max_prompt_len,), dtype=torch.int64, pin_memory=True)
+            # bracket each call's GPU work (graph + D2H): last_call_gpu_ms() tells a slow call's
+            # GPU time from its host time, at the cost of two event records
+            self._call_events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
         else:
             self.actions_host = torch.empty(self.actions.shape, dtype=f32)
             self.ids_host = torch.empty((self.max_prompt_len,), dtype=torch.int64)
@@ -569,16 +572,28 @@ class PaliGemmaHopperPipeline:
             self.calibrate_current()
         with self._on_stream():
             kind = "full" if prefix else "denoise"
-            if self.use_graphs:
-                self._graph(bucket, kind).replay()
+            graph = self._graph(bucket, kind) if self.use_graphs else None  # may capture: outside the events
+            if self.is_cuda:
+                self._call_events[0].record()
+            if graph is not None:
+                graph.replay()
             elif prefix:
                 self.run_all(bucket)
             else:
                 self.run_denoise(bucket)
             self.actions_host.copy_(self.actions, non_blocking=True)
             if self.is_cuda:
+                self._call_events[1].record()
                 torch.cuda.current_stream().synchronize()
         return self.actions_host.numpy().copy()
+
+    def last_call_gpu_ms(self) -> float | None:
+        """GPU time of the last infer(): from the start of its graph to the end of its D2H copy
+        (None on the CPU). Its wall time minus this is host time (preprocessing, launch, wake-up)."""
+        if not self.is_cuda:
+            return None
+        start, end = self._call_events
+        return start.elapsed_time(end)
 
     def _bucket(self) -> Bucket:
         if self.current is None:
