@@ -4,7 +4,7 @@
 namespace flashrt::api {
 
 int norm(Addr x, Addr residual, Addr gate, Addr weight, float weight_offset, Addr bias, Addr mod_scale,
-         Addr mod_shift, Addr out, Addr out_scale, int64_t rows, int hidden, float eps, bool layernorm,
+         Addr mod_shift, Addr out, Addr out_scale, int64_t rows, int hidden, float eps, bool layernorm, bool static_params,
          Addr stream) {
   NormParams p;
   p.x = reinterpret_cast<const __nv_bfloat16*>(x);
@@ -20,6 +20,7 @@ int norm(Addr x, Addr residual, Addr gate, Addr weight, float weight_offset, Add
   p.rows = rows;
   p.hidden = hidden;
   p.eps = eps;
+  p.static_params = static_params;
   return int(norm_launch(p, layernorm, reinterpret_cast<cudaStream_t>(stream)));
 }
 

@@ -111,6 +111,25 @@ def test_ada_rms_norm_with_gated_residual(rows):
     check(out, ref, atol=2e-2, rtol=1e-2, what="ada rms")
 
 
+def test_ada_rms_norm_params_written_by_the_kernels_just_before():
+    """static_params=False: modulation vectors that the two previous kernels of the stream write
+    (poisoned until then) are read only after they land, on every repetition."""
+    rows, hidden = 50, 1024
+    for _ in range(5):
+        x, res, gate = rnd(rows, hidden), rnd(rows, hidden, scale=2.0), rnd(hidden)
+        src_scale, src_shift = rnd(hidden, scale=0.3), rnd(hidden, scale=0.3)
+        mscale, mshift = poisoned(hidden), poisoned(hidden)
+        new_res = (res.float() + x.float() * gate.float()).to(BF16)
+        ref = rms_ref(new_res, None, 0.0) * (1 + src_scale.float()) + src_shift.float()
+        residual, out = res.clone(), poisoned(rows, hidden)
+        fk.bias_act(src_scale.data_ptr(), 0, mscale.data_ptr(), 1, hidden, activation="none", stream=stream())
+        fk.bias_act(src_shift.data_ptr(), 0, mshift.data_ptr(), 1, hidden, activation="none", stream=stream())
+        fk.add_rms_norm(x.data_ptr(), residual.data_ptr(), 0, out.data_ptr(), rows, hidden, gate=gate.data_ptr(),
+                        mod_scale=mscale.data_ptr(), mod_shift=mshift.data_ptr(), static_params=False,
+                        stream=stream())
+        check(out, ref, atol=2e-2, rtol=1e-2, what="ada rms, modulation written just before")
+
+
 @pytest.mark.parametrize("rows,hidden", [(512, 1152), (256, 1152), (50, 1536), (5, 2048), (3, 72 * 8)])
 @pytest.mark.parametrize("fp8", [False, True])
 def test_layer_norm_siglip(rows, hidden, fp8):

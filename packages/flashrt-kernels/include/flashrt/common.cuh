@@ -118,13 +118,17 @@ __device__ __forceinline__ float gelu_tanh(float x) {
 inline cudaError_t last_launch_error() { return cudaGetLastError(); }
 
 // ---------------------------------------------------------------------------------------------
-// Programmatic dependent launch (sm_90+). Every kernel here starts with pdl_wait(), so it may be
-// launched before the previous kernel in the stream has finished: its launch and block scheduling
-// overlap that kernel's tail, and nothing is read or written before the wait returns. Without the
-// launch attribute (older GPUs, FLASHRT_PDL=0) the wait is a no-op.
+// Programmatic dependent launch (sm_90+). Every kernel here calls pdl_wait() before it touches
+// anything an earlier kernel writes, so it may be launched before the previous kernel in the stream
+// has finished. Once the wait returns, the kernel lets the NEXT one launch: that kernel's blocks are
+// scheduled and run their prologue (constant loads: the skinny GEMM's weight stream, a norm's
+// weights) while this one works, and they wait in turn for this grid's completion before reading
+// what it writes. Triggering after the wait, not before, keeps the run-ahead to one kernel.
+// Without the launch attribute (older GPUs, FLASHRT_PDL=0) both instructions are no-ops.
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }
 

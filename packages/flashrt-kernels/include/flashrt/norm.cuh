@@ -25,15 +25,46 @@ struct NormParams {
   int64_t rows = 0;
   int hidden = 0;
   float eps = 1e-6f;
+  // gate / weight / bias / mod_scale / mod_shift do not change while the stream's previous kernels
+  // run (prepared at load): they may be read before pdl_wait(). False when an earlier kernel of
+  // the same stream computes them.
+  bool static_params = true;
 };
+
+// The row-independent vectors of one 8-wide slice (bf16 x 8 each; zero where absent).
+struct NormConsts {
+  uint4 gate, weight, bias, scale, shift;
+};
+
+__device__ __forceinline__ NormConsts load_norm_consts(const NormParams& p, int idx) {
+  NormConsts c{};
+  const int64_t off = int64_t(idx) * 8;
+  if (p.gate) c.gate = *reinterpret_cast<const uint4*>(p.gate + off);
+  if (p.weight) c.weight = *reinterpret_cast<const uint4*>(p.weight + off);
+  if (p.bias) c.bias = *reinterpret_cast<const uint4*>(p.bias + off);
+  if (p.mod_scale) c.scale = *reinterpret_cast<const uint4*>(p.mod_scale + off);
+  if (p.mod_shift) c.shift = *reinterpret_cast<const uint4*>(p.mod_shift + off);
+  return c;
+}
 
 template <int VPT, bool LAYERNORM>
 __global__ void __launch_bounds__(1024) norm_kernel(NormParams p) {
-  pdl_wait();
   __shared__ float scratch[32];
   const int64_t row = blockIdx.x;
   const int nvec = p.hidden / 8;
   const int64_t base = row * p.hidden;
+  // With one slice per thread (hidden <= 4096: every Pi0 / SigLIP norm) the parameter vectors are
+  // loaded up front, static ones before pdl_wait() while the previous kernel still runs: one memory
+  // round trip fewer after it. Wider rows load them where used (registers are capped at 64 here).
+  constexpr bool kPrefetch = VPT == 1;
+  NormConsts pre{};
+  if constexpr (kPrefetch) {
+    if (p.static_params && int(threadIdx.x) < nvec) pre = load_norm_consts(p, threadIdx.x);
+  }
+  pdl_wait();
+  if constexpr (kPrefetch) {
+    if (!p.static_params && int(threadIdx.x) < nvec) pre = load_norm_consts(p, threadIdx.x);
+  }
 
   float v[VPT][8];
   float local = 0.0f;
@@ -50,7 +81,7 @@ __global__ void __launch_bounds__(1024) norm_kernel(NormParams p) {
         unpack_bf16x8(*reinterpret_cast<const uint4*>(p.residual + off), r);
         if (p.gate) {
           float g[8];
-          unpack_bf16x8(*reinterpret_cast<const uint4*>(p.gate + idx * 8), g);
+          unpack_bf16x8(kPrefetch ? pre.gate : *reinterpret_cast<const uint4*>(p.gate + idx * 8), g);
 #pragma unroll
           for (int e = 0; e < 8; ++e) v[i][e] = round_bf16(r[e] + v[i][e] * g[e]);
         } else {
@@ -87,24 +118,25 @@ __global__ void __launch_bounds__(1024) norm_kernel(NormParams p) {
     float y[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) y[e] = (v[i][e] - mean) * rstd;
+    const NormConsts c = kPrefetch ? pre : load_norm_consts(p, idx);
     float t[8];
     if (p.weight) {
-      unpack_bf16x8(*reinterpret_cast<const uint4*>(p.weight + idx * 8), t);
+      unpack_bf16x8(c.weight, t);
 #pragma unroll
       for (int e = 0; e < 8; ++e) y[e] *= t[e] + p.weight_offset;
     }
     if (p.bias) {
-      unpack_bf16x8(*reinterpret_cast<const uint4*>(p.bias + idx * 8), t);
+      unpack_bf16x8(c.bias, t);
 #pragma unroll
       for (int e = 0; e < 8; ++e) y[e] += t[e];
     }
     if (p.mod_scale) {
-      unpack_bf16x8(*reinterpret_cast<const uint4*>(p.mod_scale + idx * 8), t);
+      unpack_bf16x8(c.scale, t);
 #pragma unroll
       for (int e = 0; e < 8; ++e) y[e] *= 1.0f + t[e];
     }
     if (p.mod_shift) {
-      unpack_bf16x8(*reinterpret_cast<const uint4*>(p.mod_shift + idx * 8), t);
+      unpack_bf16x8(c.shift, t);
 #pragma unroll
       for (int e = 0; e < 8; ++e) y[e] += t[e];
     }

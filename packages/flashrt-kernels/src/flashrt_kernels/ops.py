@@ -115,40 +115,44 @@ def _stream(stream: int) -> int:
 
 def rms_norm(x: int, weight: int, out: int, rows: int, hidden: int, *, eps: float = 1e-6,
              weight_offset: float = 1.0, out_scale: int = 0, mod_scale: int = 0, mod_shift: int = 0,
-             stream: int = 0) -> None:
+             static_params: bool = True, stream: int = 0) -> None:
     """out = x * rsqrt(mean(x^2) + eps) * (weight_offset + weight) [* (1 + mod_scale) + mod_shift].
 
     weight_offset=1 is Gemma's ``(1 + w)``; weight=0 skips the weight (folded into the next GEMM).
     mod_scale / mod_shift ([hidden] bf16) give adaRMS. out_scale != 0: ``out`` is E4M3.
+    static_params (sm_90): the weight / bias / gate / modulation vectors are read before the
+    previous kernel of the stream has finished (as ``skinny_gemm`` reads its weight); pass False
+    when a kernel just before this call, in the same stream, writes them.
     """
     _norm("rms_norm", x, 0, 0, weight, weight_offset, 0, mod_scale, mod_shift, out, out_scale, rows, hidden,
-          eps, False, stream)
+          eps, False, static_params, stream)
 
 
 def add_rms_norm(x: int, residual: int, weight: int, out: int, rows: int, hidden: int, *, eps: float = 1e-6,
                  weight_offset: float = 1.0, gate: int = 0, out_scale: int = 0, mod_scale: int = 0,
-                 mod_shift: int = 0, stream: int = 0) -> None:
+                 mod_shift: int = 0, static_params: bool = True, stream: int = 0) -> None:
     """residual += x (* gate); out = rms_norm(residual) as in ``rms_norm``. residual is updated in place.
 
     gate ([hidden] bf16) is the gated residual of adaRMS blocks: residual += x * gate.
     """
     _need_ptr("residual", residual)
     _norm("add_rms_norm", x, residual, gate, weight, weight_offset, 0, mod_scale, mod_shift, out, out_scale,
-          rows, hidden, eps, False, stream)
+          rows, hidden, eps, False, static_params, stream)
 
 
 def layer_norm(x: int, weight: int, bias: int, out: int, rows: int, hidden: int, *, eps: float = 1e-6,
-               out_scale: int = 0, residual: int = 0, stream: int = 0) -> None:
+               out_scale: int = 0, residual: int = 0, static_params: bool = True, stream: int = 0) -> None:
     """out = (x - mean) * rsqrt(var + eps) * weight + bias (SigLIP; eps 1e-6). weight/bias may be 0.
 
     residual != 0: residual += x first and the norm is taken of the new residual (pre-LN blocks).
+    static_params as in ``rms_norm``.
     """
     _norm("layer_norm", x, residual, 0, weight, 0.0, bias, 0, 0, out, out_scale, rows, hidden, eps, True,
-          stream)
+          static_params, stream)
 
 
 def _norm(op, x, residual, gate, weight, weight_offset, bias, mod_scale, mod_shift, out, out_scale, rows,
-          hidden, eps, layernorm, stream):
+          hidden, eps, layernorm, static_params, stream):
     _need_size("rows", rows, minimum=0)
     _need_size("hidden", hidden, multiple=8)
     if hidden > 32768:
@@ -158,7 +162,7 @@ def _norm(op, x, residual, gate, weight, weight_offset, bias, mod_scale, mod_shi
                  float(weight_offset), _need_ptr("bias", bias, optional=True),
                  _need_ptr("mod_scale", mod_scale, optional=True), _need_ptr("mod_shift", mod_shift, optional=True),
                  _need_ptr("out", out, align=8 if out_scale else 16), _need_ptr("out_scale", out_scale, 4, True),
-                 rows, hidden, float(eps), bool(layernorm), _stream(stream))
+                 rows, hidden, float(eps), bool(layernorm), bool(static_params), _stream(stream))
     _raise_if(rc, op)
 
 
