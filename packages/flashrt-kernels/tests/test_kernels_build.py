@@ -67,7 +67,7 @@ def test_binding_reports_invalid_values_as_cuda_codes():
     # without launching anything; the Python layer turns such codes into CudaError.
     from flashrt_kernels import _C
 
-    assert _C.norm(0x1000, 0, 0, 0, 0.0, 0, 0, 0, 0x2000, 0, 4, 12, 1e-6, False, 0) == 1
+    assert _C.norm(0x1000, 0, 0, 0, 0.0, 0, 0, 0, 0x2000, 0, 4, 12, 1e-6, False, True, 0) == 1
     assert "invalid argument" in fk.error_string(1)
 
 
