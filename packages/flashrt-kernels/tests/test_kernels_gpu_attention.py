@@ -120,6 +120,10 @@ ATTN_CASES = [
     (3, 5, 1, 2, 1, 16, None),             # one key
     (1, 100, 77, 8, 1, 96, "full"),        # arbitrary 2-D mask
     (2, 64, 64, 4, 4, 32, None),
+    # more blocks than SMs: one warp group per block (the other cases run two)
+    (4, 300, 300, 8, 1, 256, "keys"),
+    (8, 256, 256, 16, 16, 72, None),
+    (4, 200, 200, 16, 8, 128, None),
 ]
 
 
@@ -189,6 +193,25 @@ def test_attention_split_kv(splits, sq, sk):
     ref, ref_lse = attn_ref(q, k, v, d**-0.5, mask)
     check(o, ref, atol=2e-2, rtol=2e-2, what=f"split-kv {splits}")
     check(lse, ref_lse, atol=1e-3, rtol=1e-4, what="split-kv lse")
+
+
+@pytest.mark.parametrize("splits", [0, 3])
+def test_attention_split_kv_heads_folded_into_rows(splits):
+    """The pipeline's decode call: MQA with the 8 query heads folded into 400 rows of one head
+    (group 1), against a 627-key cache, split over the keys."""
+    sq, sk, d = 400, 627, 256
+    q, k, v = rnd(1, sq, 1, d), rnd(1, sk, 1, d), rnd(1, sk, 1, d)
+    n_lse, n_o = fk.attention_splitkv_sizes(1, sq, 1, d)
+    lse_acc, o_acc = poisoned(n_lse, dtype=F32), poisoned(n_o, dtype=F32)
+    o, lse = poisoned(1, sq, 1, d), poisoned(1, 1, sq, dtype=F32)
+    fk.attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), batch=1, seqlen_q=sq, seqlen_k=sk,
+                 num_heads_q=1, num_heads_kv=1, head_dim=d, q_strides=contiguous_strides(q),
+                 k_strides=contiguous_strides(k), v_strides=contiguous_strides(v), o_strides=contiguous_strides(o),
+                 softmax_scale=d**-0.5, softmax_lse=lse.data_ptr(), lse_accum=lse_acc.data_ptr(),
+                 o_accum=o_acc.data_ptr(), num_splits=splits, stream=stream())
+    ref, ref_lse = attn_ref(q, k, v, d**-0.5, None)
+    check(o, ref, atol=2e-2, rtol=2e-2, what=f"folded split-kv {splits}")
+    check(lse, ref_lse, atol=1e-3, rtol=1e-4, what="folded split-kv lse")
 
 
 def test_attention_strided_views_of_a_fused_qkv_buffer():

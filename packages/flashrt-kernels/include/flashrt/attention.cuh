@@ -128,11 +128,9 @@ struct Shape {
   static constexpr int kChunks = D / 8;           // 16-byte chunks per row
   static constexpr int kBlockN = D > 128 ? 32 : 64;
   template <typename T, int H>
-  static constexpr size_t smem_bytes() {
+  __host__ __device__ static constexpr size_t smem_bytes() {
     return size_t(kAttnBlockM + 2 * H * kBlockN) * kLd * sizeof(T);  // Q, then K and V of each half
   }
-  // The merge of the halves reuses the K/V buffers: (D / 8 + 1) float4 per thread of a half.
-  static_assert((D / 8 + 1) * kAttnHalfThreads * 16 <= 4 * kBlockN * kLd * 2, "merge buffer too small");
 };
 
 // H = 1 or 2 halves (2 where the grid alone leaves SMs short of warps).
@@ -170,18 +168,58 @@ __global__ void __launch_bounds__(H * kAttnHalfThreads) attn_fwd_kernel(AttnPara
       sQ[(i / (DP - D)) * LD + D + i % (DP - D)] = T(0.0f);
   }
 
-  for (int i = threadIdx.x; i < BM * S::kChunks; i += kAttnThreads) {
-    const int r = i / S::kChunks, ch = i % S::kChunks;
-    const int pr = row0 + r;
-    const bool ok = pr < rows_total;
-    const int qi = ok ? pr / group : 0, h = kvh * group + (ok ? pr % group : 0);
-    cp_async_16(sQ + r * LD + ch * 8, q + b * p.q_sb + qi * p.q_sr + h * p.q_sh + ch * 8, ok);
-  }
-  auto load_kv = [&](T* dst, const T* src, int64_t row_stride, int key0) {
-    for (int i = tid; i < BN * S::kChunks; i += kAttnHalfThreads) {
+  // Q tile -> shared memory. Where the row's 16-byte chunk count divides the thread count, a thread
+  // copies one fixed chunk of every kQStep-th row, so a row costs a compare and a multiply-add; the
+  // generic index loop (a division per copy to find the row, two more for the packed head) cost
+  // ~60 instructions a copy, a quarter of a decode block's instructions.
+  auto q_src = [&](int pr, int ch, auto unit_group) -> const T* {
+    const int qi = decltype(unit_group)::value ? pr : pr / group;  // group 1: MHA, or MQA folded into rows
+    const int h = decltype(unit_group)::value ? kvh : kvh * group + (pr - qi * group);
+    return q + b * p.q_sb + qi * p.q_sr + h * p.q_sh + ch * 8;
+  };
+  constexpr int kQStep = kAttnThreads / S::kChunks;
+  if constexpr (kAttnThreads % S::kChunks == 0 && BM % kQStep == 0) {
+    auto load_q = [&](auto unit_group) {
+      const int ch = threadIdx.x % S::kChunks, r0 = threadIdx.x / S::kChunks;
+#pragma unroll
+      for (int i = 0; i < BM / kQStep; ++i) {
+        const int r = r0 + i * kQStep, pr = row0 + r;
+        const bool ok = pr < rows_total;
+        cp_async_16(sQ + r * LD + ch * 8, ok ? q_src(pr, ch, unit_group) : q, ok);
+      }
+    };
+    if (group == 1) {
+      load_q(std::true_type{});
+    } else {
+      load_q(std::false_type{});
+    }
+  } else {
+    for (int i = threadIdx.x; i < BM * S::kChunks; i += kAttnThreads) {
       const int r = i / S::kChunks, ch = i % S::kChunks;
-      const bool ok = key0 + r < k_end;
-      cp_async_16(dst + r * LD + ch * 8, src + (ok ? key0 + r : 0) * row_stride + ch * 8, ok);
+      const int pr = row0 + r;
+      const bool ok = pr < rows_total;
+      cp_async_16(sQ + r * LD + ch * 8, ok ? q_src(pr, ch, std::false_type{}) : q, ok);
+    }
+  }
+  // K or V rows key0 .. key0 + BN - 1 -> dst, zero past k_end. Same scheme: a fixed chunk per
+  // thread, and each further row is one pointer step.
+  constexpr int kKvStep = kAttnHalfThreads / S::kChunks;
+  auto load_kv = [&](T* dst, const T* src, int64_t row_stride, int key0) {
+    if constexpr (kAttnHalfThreads % S::kChunks == 0 && BN % kKvStep == 0) {
+      const int ch = tid % S::kChunks, r0 = tid / S::kChunks;
+      const T* from = src + int64_t(key0 + r0) * row_stride + ch * 8;
+      T* to = dst + r0 * LD + ch * 8;
+#pragma unroll
+      for (int i = 0; i < BN / kKvStep; ++i) {
+        const bool ok = key0 + r0 + i * kKvStep < k_end;
+        cp_async_16(to + i * kKvStep * LD, ok ? from + i * kKvStep * row_stride : src, ok);
+      }
+    } else {
+      for (int i = tid; i < BN * S::kChunks; i += kAttnHalfThreads) {
+        const int r = i / S::kChunks, ch = i % S::kChunks;
+        const bool ok = key0 + r < k_end;
+        cp_async_16(dst + r * LD + ch * 8, src + (ok ? key0 + r : 0) * row_stride + ch * 8, ok);
+      }
     }
   };
   if (n_tiles > 0) load_kv(sK, k, p.k_sr, k_begin + half * BN);  // in flight with Q: one wait for both
@@ -298,22 +336,30 @@ __global__ void __launch_bounds__(H * kAttnHalfThreads) attn_fwd_kernel(AttnPara
   }
   cp_async_wait_all();
 
-  // Merge the halves: half 1 writes its running max, partial sums and O accumulators (fp32) over
-  // the K/V buffers; half 0 rescales both to the common max and adds. Layout [t][thread] of float4:
-  // conflict-free. Needs 64 * D * 4 + 64 * 16 bytes <= the 4 K/V tiles (always true here).
+  // Merge the halves, and split the epilogue between them: half 0 finishes O's column tiles
+  // [0, kLo), half 1 tiles [kLo, kDt). Each writes the tiles it hands over and its (m, l) to shared
+  // memory (all of it is free now), then rescales both parts to the common max and adds. Layout
+  // [slot][thread] of float4: conflict-free. Both halves then store, so each warp issues half of
+  // the (for a split, fp32) output stores.
+  constexpr int kLo = S::kDt / 2;
+  auto mine = [&](int t) { return H == 1 || (t < kLo) == (half == 0); };
   if constexpr (H == 2) {
-  __syncthreads();  // every warp is done with every K/V buffer
-  float4* xch = reinterpret_cast<float4*>(sQ + BM * LD);
-  if (half == 1) {
+    static_assert((S::kDt + 2) * kAttnHalfThreads * 16 <= S::template smem_bytes<T, 2>(), "merge buffer too small");
+    __syncthreads();  // every warp is done with Q and every K/V buffer
+    float4* to_half0 = reinterpret_cast<float4*>(smem_raw);          // kLo tiles, then (m, l)
+    float4* to_half1 = to_half0 + (kLo + 1) * kAttnHalfThreads;      // kDt - kLo tiles, then (m, l)
+    float4* out = half == 0 ? to_half1 : to_half0;
+    const int first = half == 0 ? kLo : 0;  // the first tile this half hands over
 #pragma unroll
     for (int t = 0; t < S::kDt; ++t)
-      xch[t * kAttnHalfThreads + tid] = make_float4(acc_o[t][0], acc_o[t][1], acc_o[t][2], acc_o[t][3]);
-    xch[S::kDt * kAttnHalfThreads + tid] = make_float4(m_run[0], m_run[1], l_run[0], l_run[1]);
-  }
-  __syncthreads();
-  if (half == 1) return;
-  {
-    const float4 o = xch[S::kDt * kAttnHalfThreads + tid];
+      if (!mine(t))
+        out[(t - first) * kAttnHalfThreads + tid] = make_float4(acc_o[t][0], acc_o[t][1], acc_o[t][2], acc_o[t][3]);
+    const int handed = half == 0 ? S::kDt - kLo : kLo;
+    out[handed * kAttnHalfThreads + tid] = make_float4(m_run[0], m_run[1], l_run[0], l_run[1]);
+    __syncthreads();
+    const float4* in = half == 0 ? to_half0 : to_half1;
+    const int own_first = half == 0 ? 0 : kLo, kept = half == 0 ? kLo : S::kDt - kLo;
+    const float4 o = in[kept * kAttnHalfThreads + tid];
     const float m1[2] = {o.x, o.y}, l1[2] = {o.z, o.w};
     float c0[2], c1[2];
 #pragma unroll
@@ -327,16 +373,18 @@ __global__ void __launch_bounds__(H * kAttnHalfThreads) attn_fwd_kernel(AttnPara
     }
 #pragma unroll
     for (int t = 0; t < S::kDt; ++t) {
-      const float4 a1 = xch[t * kAttnHalfThreads + tid];
+      if (!mine(t)) continue;
+      const float4 a1 = in[(t - own_first) * kAttnHalfThreads + tid];
       acc_o[t][0] = acc_o[t][0] * c0[0] + a1.x * c1[0];
       acc_o[t][1] = acc_o[t][1] * c0[0] + a1.y * c1[0];
       acc_o[t][2] = acc_o[t][2] * c0[1] + a1.z * c1[1];
       acc_o[t][3] = acc_o[t][3] * c0[1] + a1.w * c1[1];
     }
   }
-  }
 
-  // Finish: quad-sum l, normalise, store (O directly, or the split's fp32 partial).
+  // Finish: quad-sum l, normalise, store this half's tiles (O directly, or the split's fp32
+  // partial); half 0 stores the log-sum-exp.
+  const bool store_lse = q4 == 0 && half == 0;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float l = l_run[r];
@@ -353,9 +401,10 @@ __global__ void __launch_bounds__(H * kAttnHalfThreads) attn_fwd_kernel(AttnPara
       float* dst = p.o_accum + (int64_t(split) * rows_all + lse_idx) * D;
 #pragma unroll
       for (int t = 0; t < S::kDt; ++t)
-        *reinterpret_cast<float2*>(dst + t * 8 + 2 * q4) =
-            make_float2(acc_o[t][2 * r] * inv, acc_o[t][2 * r + 1] * inv);
-      if (q4 == 0) p.lse_accum[int64_t(split) * rows_all + lse_idx] = lse;
+        if (mine(t))
+          *reinterpret_cast<float2*>(dst + t * 8 + 2 * q4) =
+              make_float2(acc_o[t][2 * r] * inv, acc_o[t][2 * r + 1] * inv);
+      if (store_lse) p.lse_accum[int64_t(split) * rows_all + lse_idx] = lse;
     } else {
       const int64_t o_idx = b * p.o_sb + qi * p.o_sr + h * p.o_sh;
       if (p.o_scale) {
@@ -363,14 +412,17 @@ __global__ void __launch_bounds__(H * kAttnHalfThreads) attn_fwd_kernel(AttnPara
         uint8_t* dst = static_cast<uint8_t*>(p.o) + o_idx;
 #pragma unroll
         for (int t = 0; t < S::kDt; ++t)
-          *reinterpret_cast<uint16_t*>(dst + t * 8 + 2 * q4) = fp8x2(acc_o[t][2 * r], acc_o[t][2 * r + 1], inv8);
+          if (mine(t))
+            *reinterpret_cast<uint16_t*>(dst + t * 8 + 2 * q4) = fp8x2(acc_o[t][2 * r], acc_o[t][2 * r + 1], inv8);
       } else {
         T* dst = static_cast<T*>(p.o) + o_idx;
 #pragma unroll
         for (int t = 0; t < S::kDt; ++t)
-          *reinterpret_cast<uint32_t*>(dst + t * 8 + 2 * q4) = pack2<T>(acc_o[t][2 * r] * inv, acc_o[t][2 * r + 1] * inv);
+          if (mine(t))
+            *reinterpret_cast<uint32_t*>(dst + t * 8 + 2 * q4) =
+                pack2<T>(acc_o[t][2 * r] * inv, acc_o[t][2 * r + 1] * inv);
       }
-      if (p.lse && q4 == 0) p.lse[lse_idx] = lse;
+      if (p.lse && store_lse) p.lse[lse_idx] = lse;
     }
   }
 }
@@ -476,10 +528,16 @@ inline cudaError_t attention_launch_dh(AttnParams p, cudaStream_t stream) {
       smem_set_for_device = dev;
     }
   }
+  // A split's keys are a whole number of tiles per half, so the halves finish together (with an odd
+  // tile count one half idles through the other's last tile and waits at the merge): the requested
+  // keys per split, rounded to the nearest such unit, within the scratch buffers' split limit.
   const int splits = std::max(1, std::min(p.num_splits, kAttnMaxSplits));
-  const int per = int(ceil_div(ceil_div(p.seqlen_k, splits), S::kBlockN) * S::kBlockN);
-  p.keys_per_split = std::max(per, S::kBlockN);
-  p.num_splits = std::max(1, int(ceil_div(p.seqlen_k, p.keys_per_split)));
+  const int unit = H * S::kBlockN;
+  const int64_t want = ceil_div(int64_t(p.seqlen_k), splits);
+  int64_t per = std::max<int64_t>(unit, splits == 1 ? ceil_div(want, unit) * unit : (want + unit / 2) / unit * unit);
+  while (ceil_div(int64_t(p.seqlen_k), per) > kAttnMaxSplits) per += unit;
+  p.keys_per_split = int(per);
+  p.num_splits = std::max(1, int(ceil_div(int64_t(p.seqlen_k), per)));
   if (p.num_splits > 1 && (!p.lse_accum || !p.o_accum)) return cudaErrorInvalidValue;
   const int64_t rows_total = int64_t(p.seqlen_q) * (p.heads_q / p.heads_kv);
   const dim3 grid(unsigned(ceil_div(rows_total, kAttnBlockM)), unsigned(p.batch * p.heads_kv),

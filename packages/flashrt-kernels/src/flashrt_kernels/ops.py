@@ -416,7 +416,9 @@ def attention_splitkv_sizes(batch: int, seqlen_q: int, num_heads_q: int, head_di
 
 def attention_num_splits(batch: int, seqlen_q: int, seqlen_k: int, num_heads_q: int, num_heads_kv: int,
                          head_dim: int, num_sms: int = 0) -> int:
-    """The split-KV count ``attention(num_splits=0)`` would choose (num_sms=0: ask the device)."""
+    """The split-KV count ``attention(num_splits=0)`` would request (num_sms=0: ask the device). The
+    kernel rounds the keys per split to whole key tiles per warp group, so the launched count can
+    differ by a few (never above ``attention_max_splits()``)."""
     rc, s = _C.attention_num_splits(batch, seqlen_q, seqlen_k, num_heads_q, num_heads_kv, head_dim, num_sms)
     _raise_if(rc, "attention_num_splits")
     return int(s)
@@ -444,7 +446,7 @@ def attention(q: int, k: int, v: int, o: int, *, batch: int, seqlen_q: int, seql
     Split-KV (decode-style): num_splits > 1, or 0 = choose from the grid; needs lse_accum / o_accum
     scratch sized by ``attention_splitkv_sizes``. out_scale: 0, or a device fp32 scale: O is then written
     as E4M3 (O / scale, saturated; same element strides), the input of an FP8 GEMM. Returns the split
-    count used.
+    count requested (see ``attention_num_splits``).
     """
     dt = _choice("dtype", dtype, ATTN_DTYPES)
     if head_dim not in ATTN_HEAD_DIMS:
