@@ -116,13 +116,13 @@ run_models() {
   mt_rc=$?
   mt_line=$(grep -E "(passed|failed|error|skipped|no tests ran)" "$OUT/pytest_hopper_gpu.log" | tail -1)
   t1=$(stamp)
-  T_B5=$(limit $([ "${BENCH_COMPILE:-none}" = none ] && echo 200 || echo $((200 + ${BENCH_COMPILE_S:-200}))) 60)
+  T_B5=$(limit $(( ${BENCH_PI05_S:-200} + $([ "${BENCH_COMPILE:-none}" = none ] && echo 0 || echo ${BENCH_COMPILE_S:-200}) )) 60)
   # BENCH_COMPILE=<mode> adds the torch.compile baseline (runs last, within BENCH_COMPILE_S seconds)
   timeout "$T_B5" $PY -m flash_rt.cli bench --config pi05 --views "$BENCH_VIEWS" --precision fp8,bf16 \
     --compile "${BENCH_COMPILE:-none}" --compile-budget-s "${BENCH_COMPILE_S:-200}" \
     --out "$OUT/pi05.json" --plot > "$OUT/bench_pi05.log" 2>&1
   b5_rc=$?
-  T_B0=$(limit 150 5)
+  T_B0=$(limit ${BENCH_PI0_S:-150} 5)
   timeout "$T_B0" $PY -m flash_rt.cli bench --config pi0 --views "$BENCH_VIEWS" --precision fp8,bf16 --compile none \
     --out "$OUT/pi0.json" > "$OUT/bench_pi0.log" 2>&1
   b0_rc=$?
