@@ -23,11 +23,12 @@ from flash_rt.models.paligemma_hopper import EXPERT, PaliGemmaHopperPipeline, eu
 class Pi0HopperPipeline(PaliGemmaHopperPipeline):
     suffix_extra_tokens = 1  # the state token, cached next to the prefix
     # bf16 under use_fp8 (docs/calibration.md "Which GEMMs run FP8"): SigLIP (27 layers of
-    # compounding error before any residual), the attention projections that write the KV cache
-    # and the residual (small), the expert's gate_up (its error doubles through GeGLU, and Pi0's
-    # ungated expert blocks pass it straight to the velocity) and o, the action-token head. FP8
-    # stays where the time is: the prefix MLP (most of the FLOPs) and the expert's qkv and down.
-    fp8_keep_bf16 = ("vision.*", "llm.*.qkv", "llm.*.o", "expert.*.o", "expert.*.gate_up", "action_time_out")
+    # compounding error before any residual), the attention projections (small; they write the KV
+    # cache, the attention logits and the residual), the expert's gate_up (its error doubles through
+    # GeGLU, and Pi0's ungated expert blocks pass it straight to the velocity), the action-token
+    # head. FP8 stays where the time is: the prefix MLP (most of the FLOPs) and the expert's down.
+    fp8_keep_bf16 = ("vision.*", "llm.*.qkv", "llm.*.o", "expert.*.qkv", "expert.*.o", "expert.*.gate_up",
+                     "action_time_out")
 
     def _expert_norm_weight(self, sd, key):
         return 1.0 + sd.take(key + ".weight").float()
