@@ -15,8 +15,8 @@
 // Two "halves" of 4 warps per block share the 64 query rows and split the key tiles (half h takes
 // tiles h, h + 2, ...): twice the warps per SM on prefix grids of ~100 blocks, with Q loaded once.
 // Each half pipelines its own tiles (one K and one V buffer each, its own barrier): V_j loads while
-// S = Q K_j^T and the softmax run; K_{j+2} loads while O += P V_j runs. At the end half 1 hands
-// (m, l, O) to half 0 through shared memory, which merges them and stores.
+// S = Q K_j^T and the softmax run; K_{j+2} loads while O += P V_j runs. At the end the halves
+// swap (m, l) and half of O's columns through shared memory; each merges and stores its half.
 #pragma once
 
 #include <algorithm>
