@@ -145,7 +145,8 @@ if [ "$MODE" = models ]; then
 fi
 
 # 3c. the torch.compile(max-autotune) baseline, alone in a call: its autotuning takes minutes.
-#     The inductor cache is kept (a later call that carries it back compiles far faster).
+#     Its tuning results come back (inductor_autotune.tgz); a later call that carries them skips
+#     the GEMM shapes already tuned.
 if [ "$MODE" = compile ]; then
   export TORCHINDUCTOR_CACHE_DIR="$ROOT/inductor_cache"
   [ -f inductor_autotune.tgz ] && tar xzf inductor_autotune.tgz
@@ -159,7 +160,7 @@ if [ "$MODE" = compile ]; then
   echo "==================== gpu_check compile summary ($(date -u +%FT%TZ)) ===================="
   say "device:  $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
   say "build:   $build_msg"
-  say "compile baseline: rc=$c_rc; AUTOTUNE tables: $(grep -c AUTOTUNE "$OUT/bench_compile.log")"
+  say "compile baseline: rc=$c_rc; GEMM shape sets tuned: $(grep -c "^AUTOTUNE" "$OUT/bench_compile.log")"
   tail -16 "$OUT/bench_compile.log" | tee -a "$SUMMARY"
   exit $c_rc
 fi
