@@ -23,6 +23,7 @@ from flash_rt.errors import CheckpointError, ConfigError
 from flash_rt.executors.weight_loader import (
     ElementwiseTransform,
     LoadContext,
+    ScaleRecordingQuant,
     Sink,
     TensorMeta,
     Transform,
@@ -246,26 +247,15 @@ def quantize_fp8_e4m3_numpy(x: np.ndarray, scale: float | None = None) -> tuple[
     return fp8_e4m3_bits(y), float(scale)
 
 
-class JaxQuant(Transform):
+class JaxQuant(ScaleRecordingQuant):
     """FP8 E4M3 per-tensor quantisation on the host; the result is a ``uint8`` array of E4M3
     bit patterns (what a kernel reads through a raw pointer). Scale recording as ``Quant``:
     ``scale_into=`` appends to a list attribute, ``scale_attr=`` sets an attribute."""
 
-    def __init__(self, scale_into: str | None = None, *, scale_attr: str | None = None):
-        if scale_into is None and scale_attr is None:
-            raise ConfigError("JaxQuant needs scale_into= (list attribute) or scale_attr= (attribute)")
-        self.scale_into = scale_into
-        self.scale_attr = scale_attr
+    one_value = "one array; combine the Item's arrays first (NumpyConcat)"
 
-    def apply(self, value, ctx):
-        if isinstance(value, list):
-            raise ConfigError("JaxQuant takes one array; combine the Item's arrays first (NumpyConcat)")
-        bits, scale = quantize_fp8_e4m3_numpy(value)
-        if self.scale_into is not None:
-            append_target(ctx.target, ctx.fmt(self.scale_into), scale, ctx)
-        if self.scale_attr is not None:
-            set_target(ctx.target, ctx.fmt(self.scale_attr), scale)
-        return bits
+    def quantize(self, value):
+        return quantize_fp8_e4m3_numpy(value)
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from flash_rt.executors.weight_loader import (
     SAFETENSORS_DTYPES,
     ElementwiseTransform,
     LoadContext,
+    ScaleRecordingQuant,
     Sink,
     TensorMeta,
     Transform,
@@ -414,7 +415,7 @@ def quantize_fp8_e4m3(x, scale=None):
     return q, float(scale)
 
 
-class Quant(Transform):
+class Quant(ScaleRecordingQuant):
     """FP8 E4M3 per-tensor quantisation; the result is the ``float8_e4m3fn`` tensor.
 
     The scale (a Python float, ``x ~= q * scale``) is recorded on the target:
@@ -423,23 +424,10 @@ class Quant(Transform):
     as an attribute. Either name may use templates (``"scale_{i}"``).
     """
 
-    def __init__(self, scale_into: str | None = None, *, scale_attr: str | None = None):
-        if scale_into is None and scale_attr is None:
-            raise ConfigError(
-                "Quant needs scale_into= (list attribute) or scale_attr= (attribute) for its scale"
-            )
-        self.scale_into = scale_into
-        self.scale_attr = scale_attr
+    one_value = "one tensor; combine the Item's tensors first (Cat, FusedQKV, ...)"
 
-    def apply(self, value, ctx):
-        if isinstance(value, list):
-            raise ConfigError("Quant takes one tensor; combine the Item's tensors first (Cat, FusedQKV, ...)")
-        q, scale = quantize_fp8_e4m3(value)
-        if self.scale_into is not None:
-            append_target(ctx.target, ctx.fmt(self.scale_into), scale, ctx)
-        if self.scale_attr is not None:
-            set_target(ctx.target, ctx.fmt(self.scale_attr), scale)
-        return q
+    def quantize(self, value):
+        return quantize_fp8_e4m3(value)
 
 
 class Mul(ElementwiseTransform):

@@ -421,6 +421,36 @@ class ElementwiseTransform(Transform):
         return self.one(value, ctx)
 
 
+class ScaleRecordingQuant(Transform):
+    """Per-tensor quantisation whose scale is recorded on the load target: ``scale_into=`` appends
+    it to that list attribute (a new list each load), ``scale_attr=`` sets it as an attribute;
+    either name may use templates. A subclass gives ``quantize(value) -> (q, scale)`` and
+    ``one_value``, what it takes and how several keys' values are combined first."""
+
+    one_value = "one tensor"
+
+    def __init__(self, scale_into: str | None = None, *, scale_attr: str | None = None):
+        if scale_into is None and scale_attr is None:
+            raise ConfigError(
+                f"{type(self).__name__} needs scale_into= (list attribute) or scale_attr= (attribute) for its scale"
+            )
+        self.scale_into = scale_into
+        self.scale_attr = scale_attr
+
+    def quantize(self, value) -> tuple[Any, float]:
+        raise NotImplementedError
+
+    def apply(self, value, ctx):
+        if isinstance(value, list):
+            raise ConfigError(f"{type(self).__name__} takes {self.one_value}")
+        q, scale = self.quantize(value)
+        if self.scale_into is not None:
+            append_target(ctx.target, ctx.fmt(self.scale_into), scale, ctx)
+        if self.scale_attr is not None:
+            set_target(ctx.target, ctx.fmt(self.scale_attr), scale)
+        return q
+
+
 def set_target(target: Any, name: str, value: Any) -> None:
     """Store on the load target: ``target[name] = value`` for a dict, else ``setattr``."""
     if isinstance(target, MutableMapping):
