@@ -253,10 +253,27 @@ def _host_view(ptr: int, nbytes: int, storage: np.dtype, shape, owner) -> np.nda
     return np.frombuffer(raw, dtype=np.uint8).view(storage).reshape(shape)
 
 
+class _Freed:
+    """Memory released by ``free()``: on leaving a ``with`` block, and (best effort) when collected."""
+
+    def free(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.free()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.free()
+
+
 # -- pinned host memory -----------------------------------------------------------------------------
 
 
-class PinnedHostBuffer:
+class PinnedHostBuffer(_Freed):
     """Page-locked host memory (cudaHostAlloc): the source of truly asynchronous H2D copies."""
 
     def __init__(self, shape, dtype="uint8") -> None:
@@ -283,21 +300,11 @@ class PinnedHostBuffer:
             ptr, self._ptr = self._ptr, 0
             _rt().cudaFreeHost(ptr)
 
-    def __enter__(self) -> PinnedHostBuffer:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.free()
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self.free()
-
 
 # -- device memory --------------------------------------------------------------------------------
 
 
-class CudaBuffer:
+class CudaBuffer(_Freed):
     """A contiguous device array: pointer, shape, dtype, device. Owns its memory when it came
     from ``empty``/``zeros``/``from_numpy``; wraps it when it came from ``from_torch``/``wrap``."""
 
@@ -484,16 +491,6 @@ class CudaBuffer:
         if ptr and self._owns:
             _rt().cudaFree(ptr)
         self._owner = None
-
-    def __enter__(self) -> CudaBuffer:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.free()
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self.free()
 
 
 class _RawDeviceBytes:
