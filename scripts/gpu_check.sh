@@ -10,8 +10,7 @@
 #   bash scripts/gpu_check.sh models    build, the true-size Pi0.5 / Pi0 GPU tests, `flashrt bench`
 #                                       for Pi0.5 and Pi0 (~8 min; its own device call)
 #   bash scripts/gpu_check.sh profile   build, per-kernel profile of the denoise graph and the stage
-#                                       replays (scripts/profile_pipeline.py); PROFILE_COMPILE=1 adds
-#                                       the torch.compile baseline (~6 min)
+#                                       replays (scripts/profile_pipeline.py) (~3 min)
 #   bash scripts/gpu_check.sh compile   build, `flashrt bench` for Pi0.5 at 2 views against the reference
 #                                       under torch.compile(max-autotune) (~9 min: its own device call).
 #                                       Its GEMM autotuning results come back as $OUT/inductor_autotune.tgz;
@@ -165,28 +164,19 @@ if [ "$MODE" = compile ]; then
   exit $c_rc
 fi
 
-# 3p. where the time goes: per-kernel profile of the denoise graph, stage replays; with
-#     PROFILE_COMPILE=1 also the torch.compile baseline (minutes: its own budget)
+# 3p. where the time goes: per-kernel profile of the denoise graph, stage replays (the compiled
+#     baseline has its own mode, `compile`: it needs a whole call)
 if [ "$MODE" = profile ]; then
-  T_P=$(limit 200 $([ "${PROFILE_COMPILE:-0}" = 1 ] && echo 320 || echo 10))
+  T_P=$(limit 200 10)
   timeout "$T_P" $PY scripts/profile_pipeline.py --config "${PROFILE_CONFIG:-pi05}" --views "${BENCH_VIEWS:-2}" \
     --precision fp8,bf16 --out "$OUT/profile.json" > "$OUT/profile.log" 2>&1
   p_rc=$?
-  c_rc=skipped
-  if [ "${PROFILE_COMPILE:-0}" = 1 ]; then
-    T_C=$(limit 330 5)
-    timeout "$T_C" $PY -m flash_rt.cli bench --config pi05 --views 2 --precision fp8,bf16 --iters 200 \
-      --p99-iters 200 --no-eager --compile max-autotune --compile-budget-s $((T_C - 60)) \
-      --out "$OUT/pi05_compile.json" > "$OUT/bench_compile.log" 2>&1
-    c_rc=$?
-  fi
   echo
   echo "==================== gpu_check profile summary ($(date -u +%FT%TZ)) ===================="
   say "device:  $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
   say "build:   $build_msg"
-  say "profile: rc=$p_rc; compile baseline: rc=$c_rc"
+  say "profile: rc=$p_rc"
   cat "$OUT/profile.log" | grep -v Warning | tail -60 | tee -a "$SUMMARY"
-  [ -f "$OUT/bench_compile.log" ] && tail -16 "$OUT/bench_compile.log" | tee -a "$SUMMARY"
   exit $p_rc
 fi
 
