@@ -355,6 +355,8 @@ def main() -> int:
         ("attn decode", "50x1018 q8 kv1 d256", lambda: case_attention(50, 1018, 8, 1, 256, with_mask=True)),
         ("attn decode split", "50x1018 q8 kv1 d256",
          lambda: case_attention(50, 1018, 8, 1, 256, with_mask=True, split=True)),
+        # the denoise step's call: 50 queries x 8 heads over 577 prefix + 50 own keys, splits auto
+        ("attn decode split", "50x627 q8 kv1 d256", lambda: case_attention(50, 627, 8, 1, 256, split=True)),
     ]
     if args.sweep:
         for m, k_dim, n in [(50, 1024, 4096), (50, 4096, 1024), (50, 1024, 2048)]:

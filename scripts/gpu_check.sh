@@ -18,16 +18,28 @@
 #                                       call skips the shapes already tuned (max-autotune needs > 10 min)
 #   bash scripts/gpu_check.sh all       both, with the model benchmark at BENCH_VIEWS (default 2) only
 #                                       (~5 min: one call that checks everything)
+#   bash scripts/gpu_check.sh build     deps + build + import only (for ad-hoc runs after it)
+#
+#   <mode> --with-compile   on a machine with two GPUs: after the one shared build, the `compile` mode
+#                           runs on GPU 1 while <mode> runs on GPU 0 (its results under $OUT/compile/).
+#                           The max-autotune baseline then costs no device time of its own; its
+#                           compile workers share the CPUs, so host times on GPU 0 may be a little higher.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE="${1:-kernels}"
+WITH_COMPILE=$([ "${2:-}" = --with-compile ] && echo 1)
 ROOT=$PWD
 # Logs go to a work folder; at the end only the summary, the JSON results and one tarball of the
 # logs are put in $OUT (the device tool returns a limited number of files).
 RESULTS="${OUT:-$ROOT/gpu_out}"
 OUT="$RESULTS/.work"
 mkdir -p "$OUT"
+COMPILE_PID=""
 collect() {
+  if [ -n "$COMPILE_PID" ]; then  # the compile run on GPU 1: wait for it, then its summary, last
+    wait "$COMPILE_PID"
+    echo; cat "$RESULTS/compile/summary.txt" 2>/dev/null | sed 's/^/[gpu 1] /' | tee -a "$OUT/summary.txt"
+  fi
   cp "$OUT"/summary.txt "$OUT"/*.json "$RESULTS"/ 2>/dev/null
   tar czf "$RESULTS/gpu_logs.tgz" -C "$OUT" . 2>/dev/null
   rm -rf "$OUT"
@@ -56,7 +68,7 @@ stamp() { date +%s; }
   nvcc --version; cmake --version; } > "$OUT/env.txt" 2>&1
 
 # 1. pure-Python dependencies that may be missing (no network: from ./wheelhouse)
-missing=$($PY - <<'PYEOF'
+[ -n "${FLASHRT_GPU_CHECK_BUILT:-}" ] || missing=$($PY - <<'PYEOF'
 import importlib.util
 need = {"pluggy": "pluggy", "platformdirs": "platformdirs", "tqdm": "tqdm", "packaging": "packaging",
         "safetensors": "safetensors", "numpy": "numpy", "pytest": "pytest"}
@@ -70,7 +82,7 @@ except ImportError:
 print(" ".join(missing))
 PYEOF
 )
-if [ -n "$missing" ]; then
+if [ -n "${missing:-}" ]; then
   if [ -d wheelhouse ]; then
     # shellcheck disable=SC2086
     $PY -m pip install --no-index --find-links wheelhouse $missing > "$OUT/install_deps.log" 2>&1 \
@@ -80,8 +92,11 @@ if [ -n "$missing" ]; then
   fi
 fi
 
-# 2. build + install (offline)
+# 2. build + install (offline); a child of --with-compile uses its parent's build
 t0=$(stamp)
+build_rc=0
+build_msg="shared with the parent run"
+if [ -z "${FLASHRT_GPU_CHECK_BUILT:-}" ]; then
 if ! $PY -m pip install --no-build-isolation --no-deps ./packages/flashrt-core > "$OUT/install_core.log" 2>&1; then
   # still importable from the source tree (entry-point plugins are then missing)
   export PYTHONPATH="$ROOT/packages/flashrt-core/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -91,6 +106,8 @@ for pkg in packages/flashrt-pi05 packages/flashrt-pi0 packages/flashrt-pi0fast p
   [ -f "$pkg/pyproject.toml" ] && $PY -m pip install --no-build-isolation --no-deps "./$pkg" >> "$OUT/install_models.log" 2>&1
 done
 T_BUILD=$(limit 240 200)
+# FLASHRT_LINEINFO=1: SASS-to-source line tables, for scripts/ncu_source.sh (no effect on the code)
+[ -n "${FLASHRT_LINEINFO:-}" ] && CMAKE_ARGS="${CMAKE_ARGS:-} -DCMAKE_CUDA_FLAGS=-lineinfo"
 CMAKE_ARGS="${CMAKE_ARGS:-} -DFLASHRT_PTXAS_VERBOSE=ON" timeout "$T_BUILD" $PY -m pip install --no-build-isolation --no-deps -v ./packages/flashrt-kernels \
   > "$OUT/build_kernels.log" 2>&1
 build_rc=$?
@@ -102,8 +119,27 @@ else
   tail -40 "$OUT/build_kernels.log"
 fi
 grep -E "spill|Used [0-9]+ registers" "$OUT/build_kernels.log" > "$OUT/ptxas.txt" 2>/dev/null
+fi
 (cd /tmp && $PY -c "import flashrt_kernels as fk; print('flashrt_kernels', fk.__version__, fk.built_archs(), 'devices', fk.device_count())") \
   > "$OUT/import.txt" 2>&1
+
+if [ "$MODE" = build ]; then
+  say "device:  $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
+  say "build:   $build_msg"
+  say "import:  $(tail -1 "$OUT/import.txt")"
+  exit $build_rc
+fi
+if [ -n "$WITH_COMPILE" ]; then
+  if [ "$(nvidia-smi -L 2>/dev/null | wc -l)" -lt 2 ]; then
+    say "--with-compile: this machine has fewer than two GPUs; the compile baseline is skipped"
+  else
+    mkdir -p "$RESULTS/compile"
+    CUDA_VISIBLE_DEVICES=1 FLASHRT_GPU_CHECK_BUILT=1 OUT="$RESULTS/compile" \
+      GPU_CHECK_BUDGET=$(( BUDGET - ($(date +%s) - START) )) bash "$0" compile > "$RESULTS/compile/run.log" 2>&1 &
+    COMPILE_PID=$!
+    export CUDA_VISIBLE_DEVICES=0
+  fi
+fi
 
 # 3m. true-size model tests and benchmarks (the product's proof: correctness vs the fp32
 #     reference per view count and precision, then the speed of record)

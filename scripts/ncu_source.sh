@@ -13,10 +13,14 @@ PY=python3
 $PY -c "import platformdirs" 2>/dev/null || $PY -m pip install -q --no-index --find-links wheelhouse platformdirs
 export CMAKE_BUILD_PARALLEL_LEVEL=$(nproc)
 t0=$(date +%s)
-CUDAARCHS=90a CMAKE_ARGS="-DFLASHRT_PTXAS_VERBOSE=ON -DCMAKE_CUDA_FLAGS=-lineinfo" $PY -m pip install \
-  --no-build-isolation --no-deps -v ./packages/flashrt-core ./packages/flashrt-kernels > "$RES/build.log" 2>&1 \
-  || { tail -30 "$RES/build.log"; exit 1; }
-echo "build ok in $(( $(date +%s) - t0 )) s"
+if [ -n "${FLASHRT_GPU_CHECK_BUILT:-}" ]; then  # built already (FLASHRT_LINEINFO=1 gpu_check.sh build)
+  echo "build: the one installed"
+else
+  CUDAARCHS=90a CMAKE_ARGS="-DFLASHRT_PTXAS_VERBOSE=ON -DCMAKE_CUDA_FLAGS=-lineinfo" $PY -m pip install \
+    --no-build-isolation --no-deps -v ./packages/flashrt-core ./packages/flashrt-kernels > "$RES/build.log" 2>&1 \
+    || { tail -30 "$RES/build.log"; exit 1; }
+  echo "build ok in $(( $(date +%s) - t0 )) s"
+fi
 declare -A KERNEL=([attn]=attn_fwd [combine]=attn_combine [gemm]=skinny_gemm)
 for probe in "${@:-attn}"; do
   rep="$RES/$probe"

@@ -195,6 +195,24 @@ def test_attention_split_kv(splits, sq, sk):
     check(lse, ref_lse, atol=1e-3, rtol=1e-4, what="split-kv lse")
 
 
+@pytest.mark.parametrize("d,hq,hkv", [(64, 8, 1), (72, 4, 4), (128, 8, 2)])
+def test_attention_split_kv_head_dims(d, hq, hkv):
+    """The combine at head dims of one 128-column chunk (lanes past head_dim idle) and with GQA."""
+    b, sq, sk, splits = 2, 19, 700, 7
+    q, k, v = rnd(b, sq, hq, d), rnd(b, sk, hkv, d), rnd(b, sk, hkv, d)
+    n_lse, n_o = fk.attention_splitkv_sizes(b, sq, hq, d)
+    lse_acc, o_acc = poisoned(n_lse, dtype=F32), poisoned(n_o, dtype=F32)
+    o, lse = poisoned(b, sq, hq, d), poisoned(b, hq, sq, dtype=F32)
+    fk.attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), batch=b, seqlen_q=sq, seqlen_k=sk,
+                 num_heads_q=hq, num_heads_kv=hkv, head_dim=d, q_strides=contiguous_strides(q),
+                 k_strides=contiguous_strides(k), v_strides=contiguous_strides(v), o_strides=contiguous_strides(o),
+                 softmax_scale=d**-0.5, softmax_lse=lse.data_ptr(), lse_accum=lse_acc.data_ptr(),
+                 o_accum=o_acc.data_ptr(), num_splits=splits, stream=stream())
+    ref, ref_lse = attn_ref(q, k, v, d**-0.5, None)
+    check(o, ref, atol=2e-2, rtol=2e-2, what=f"split-kv d{d} {hq}/{hkv}")
+    check(lse, ref_lse, atol=1e-3, rtol=1e-4, what=f"split-kv d{d} lse")
+
+
 @pytest.mark.parametrize("splits", [0, 3])
 def test_attention_split_kv_heads_folded_into_rows(splits):
     """The pipeline's decode call: MQA with the 8 query heads folded into 400 rows of one head

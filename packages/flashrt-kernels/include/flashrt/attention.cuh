@@ -301,10 +301,12 @@ __global__ void __launch_bounds__(H * kAttnHalfThreads) attn_fwd_kernel(AttnPara
         sum += s[t][2 * r] + s[t][2 * r + 1];
       }
       l_run[r] = l_run[r] * corr + sum;
+      if (j > 0) {  // O is still zero on the first tile (a decode split often has just that one)
 #pragma unroll
-      for (int t = 0; t < S::kDt; ++t) {
-        acc_o[t][2 * r] *= corr;
-        acc_o[t][2 * r + 1] *= corr;
+        for (int t = 0; t < S::kDt; ++t) {
+          acc_o[t][2 * r] *= corr;
+          acc_o[t][2 * r + 1] *= corr;
+        }
       }
     }
 
@@ -427,23 +429,36 @@ __global__ void __launch_bounds__(H * kAttnHalfThreads) attn_fwd_kernel(AttnPara
   }
 }
 
-// One warp per (b, h, query) row. Lane s holds split s's log-sum-exp, so the weights
-// exp(lse_s - lse) come from two warp reductions; then each lane owns 4 consecutive outputs and
-// reads every split's partial for them with independent loads (no load waits on another), which
-// keeps the kernel at about one L2 round trip instead of one per split and output chunk.
+// One warp per (b, h, query) row and 128-column chunk of it. Lane s holds split s's log-sum-exp, so
+// the weights exp(lse_s - lse) come from two warp reductions; each lane then owns 4 consecutive
+// outputs and loads them from every split before the first multiply-add. The loads are
+// unconditional (a split past num_splits re-reads the last one and gets weight 0): under an
+// `if (s < splits)` the compiler emitted one branch, load and wait per split, and Nsight Compute
+// showed the kernel at one L2 round trip per split (10 us at 10 splits, 61% of its stall samples
+// on the multiply-adds waiting for their loads).
 template <typename T>
 __global__ void attn_combine_kernel(AttnParams p, int head_dim) {
   static_assert(kAttnMaxSplits <= 32, "one lane per split");
   pdl_wait();
-  const int64_t rows_all = int64_t(p.batch) * p.heads_q * p.seqlen_q;
-  const int64_t row = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  // 32-bit index math (the launcher checks that the partials fit): 64-bit divisions and multiplies
+  // here sat in front of the loads.
+  const int rows_all = p.batch * p.heads_q * p.seqlen_q;
+  const int chunks = head_dim > 128 ? 2 : 1;
+  const int warp_id = int(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  const int row = warp_id / chunks;
   const int lane = threadIdx.x & 31;
-  if (row >= rows_all) return;
-  const int qi = int(row % p.seqlen_q);
-  const int h = int((row / p.seqlen_q) % p.heads_q);
-  const int b = int(row / (int64_t(p.seqlen_q) * p.heads_q));
+  if (row >= rows_all) return;  // whole warps: every shuffle below has all 32 lanes
+  const int d0 = (warp_id - row * chunks) * 128 + 4 * lane;
   const int splits = p.num_splits;
-  const float lse_s = lane < splits ? p.lse_accum[lane * rows_all + row] : -INFINITY;
+  const bool mine = d0 < head_dim;  // head_dim % 4 == 0 (every supported size)
+  const float* src = p.o_accum + row * head_dim + (mine ? d0 : 0);
+  const int split_stride = rows_all * head_dim;
+  float4 x[kAttnMaxSplits];
+#pragma unroll
+  for (int s = 0; s < kAttnMaxSplits; ++s)
+    x[s] = *reinterpret_cast<const float4*>(src + min(s, splits - 1) * split_stride);
+
+  const float lse_s = lane < splits ? p.lse_accum[int64_t(lane) * rows_all + row] : -INFINITY;
   float lmax = lse_s;
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) lmax = fmaxf(lmax, __shfl_xor_sync(0xffffffffu, lmax, o));
@@ -456,34 +471,31 @@ __global__ void attn_combine_kernel(AttnParams p, int head_dim) {
     lse = lmax + logf(sum);
     w = e / sum;
   }
-  const int64_t o_idx = b * p.o_sb + qi * p.o_sr + h * p.o_sh;
-  const float inv8 = p.o_scale ? 1.0f / __ldg(p.o_scale) : 1.0f;
-  const float* src = p.o_accum + row * head_dim;
-  for (int d0 = 4 * lane; d0 < head_dim; d0 += 128) {  // head_dim % 4 == 0 (every supported size)
-    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll
-    for (int s = 0; s < kAttnMaxSplits; ++s) {
-      const float ws = __shfl_sync(0xffffffffu, w, s);
-      if (s < splits) {  // a split with no mass has weight 0 and a finite (zero) partial
-        const float4 x = *reinterpret_cast<const float4*>(src + s * rows_all * head_dim + d0);
-        acc.x += ws * x.x;
-        acc.y += ws * x.y;
-        acc.z += ws * x.z;
-        acc.w += ws * x.w;
-      }
-    }
+  for (int s = 0; s < kAttnMaxSplits; ++s) {
+    const float ws = __shfl_sync(0xffffffffu, w, s);  // 0 past num_splits and for splits with no mass
+    acc.x += ws * x[s].x;
+    acc.y += ws * x[s].y;
+    acc.z += ws * x[s].z;
+    acc.w += ws * x[s].w;
+  }
+  if (mine) {
+    const int qi = row % p.seqlen_q, h = (row / p.seqlen_q) % p.heads_q, b = row / (p.seqlen_q * p.heads_q);
+    const int64_t o_idx = b * p.o_sb + qi * p.o_sr + h * p.o_sh + d0;
     if (p.o_scale) {
-      *reinterpret_cast<uint32_t*>(static_cast<uint8_t*>(p.o) + o_idx + d0) =
+      const float inv8 = 1.0f / __ldg(p.o_scale);
+      *reinterpret_cast<uint32_t*>(static_cast<uint8_t*>(p.o) + o_idx) =
           uint32_t(fp8x2(acc.x, acc.y, inv8)) | (uint32_t(fp8x2(acc.z, acc.w, inv8)) << 16);
     } else {
-      T* dst = static_cast<T*>(p.o) + o_idx + d0;
+      T* dst = static_cast<T*>(p.o) + o_idx;
       dst[0] = T(acc.x);
       dst[1] = T(acc.y);
       dst[2] = T(acc.z);
       dst[3] = T(acc.w);
     }
   }
-  if (p.lse && lane == 0) p.lse[row] = lse;
+  if (p.lse && lane == 0 && d0 == 0) p.lse[row] = lse;
 }
 
 }  // namespace attn
@@ -539,13 +551,16 @@ inline cudaError_t attention_launch_dh(AttnParams p, cudaStream_t stream) {
   p.keys_per_split = int(per);
   p.num_splits = std::max(1, int(ceil_div(int64_t(p.seqlen_k), per)));
   if (p.num_splits > 1 && (!p.lse_accum || !p.o_accum)) return cudaErrorInvalidValue;
+  const int64_t rows_all = int64_t(p.batch) * p.heads_q * p.seqlen_q;
+  if (p.num_splits > 1 && rows_all * D * p.num_splits >= (int64_t(1) << 31))
+    return cudaErrorInvalidValue;  // the combine's offsets are 32-bit
   const int64_t rows_total = int64_t(p.seqlen_q) * (p.heads_q / p.heads_kv);
   const dim3 grid(unsigned(ceil_div(rows_total, kAttnBlockM)), unsigned(p.batch * p.heads_kv),
                   unsigned(p.num_splits));
   cudaError_t err = launch_kernel(kernel, grid, dim3(H * kAttnHalfThreads), smem, stream, p);
   if (err != cudaSuccess || p.num_splits == 1) return err;
-  const int64_t rows_all = int64_t(p.batch) * p.heads_q * p.seqlen_q;
-  return launch_kernel(attn::attn_combine_kernel<T>, dim3(unsigned(ceil_div(rows_all, 4))), dim3(128), 0, stream, p,
+  const int64_t warps = rows_all * (D > 128 ? 2 : 1);  // one per row and 128-column chunk
+  return launch_kernel(attn::attn_combine_kernel<T>, dim3(unsigned(ceil_div(warps, 4))), dim3(128), 0, stream, p,
                        int(D));
 }
 
