@@ -301,7 +301,9 @@ __global__ void __launch_bounds__(H * kAttnHalfThreads) attn_fwd_kernel(AttnPara
         sum += s[t][2 * r] + s[t][2 * r + 1];
       }
       l_run[r] = l_run[r] * corr + sum;
-      if (j > 0) {  // O is still zero on the first tile (a decode split often has just that one)
+      // O is still zero on the first tile (a decode split often has just that one). Only at wide
+      // heads: at d = 16 and 72 the branch made ptxas spill.
+      if (S::kDt < 16 || j > 0) {
 #pragma unroll
         for (int t = 0; t < S::kDt; ++t) {
           acc_o[t][2 * r] *= corr;
