@@ -21,7 +21,8 @@
 #   bash scripts/gpu_check.sh build     deps + build + import only (for ad-hoc runs after it)
 #
 #   <mode> --with-compile   on a machine with two GPUs: after the one shared build, the `compile` mode
-#                           runs on GPU 1 while <mode> runs on GPU 0 (its results under $OUT/compile/).
+#                           runs on GPU 1 while <mode> runs on GPU 0 (its results, inductor_autotune.tgz
+#                           included, packed into $OUT/compile.tgz; its summary is appended to ours).
 #                           The max-autotune baseline then costs no device time of its own; its
 #                           compile workers share the CPUs, so host times on GPU 0 may be a little higher.
 set -uo pipefail
@@ -39,6 +40,8 @@ collect() {
   if [ -n "$COMPILE_PID" ]; then  # the compile run on GPU 1: wait for it, then its summary, last
     wait "$COMPILE_PID"
     echo; cat "$RESULTS/compile/summary.txt" 2>/dev/null | sed 's/^/[gpu 1] /' | tee -a "$OUT/summary.txt"
+    # one file (the device tool returns few): its JSON, logs and inductor_autotune.tgz
+    tar czf "$RESULTS/compile.tgz" -C "$RESULTS" compile && rm -rf "$RESULTS/compile"
   fi
   cp "$OUT"/summary.txt "$OUT"/*.json "$RESULTS"/ 2>/dev/null
   tar czf "$RESULTS/gpu_logs.tgz" -C "$OUT" . 2>/dev/null
@@ -106,6 +109,9 @@ for pkg in packages/flashrt-pi05 packages/flashrt-pi0 packages/flashrt-pi0fast p
   [ -f "$pkg/pyproject.toml" ] && $PY -m pip install --no-build-isolation --no-deps "./$pkg" >> "$OUT/install_models.log" 2>&1
 done
 T_BUILD=$(limit 240 200)
+# nothing later works without the build: under a small budget it takes what the later stages
+# would have kept (a 30 s build limit once cost a whole device call)
+[ "$T_BUILD" -lt 120 ] && T_BUILD=$(limit 240 10)
 # FLASHRT_LINEINFO=1: SASS-to-source line tables, for scripts/ncu_source.sh (no effect on the code)
 [ -n "${FLASHRT_LINEINFO:-}" ] && CMAKE_ARGS="${CMAKE_ARGS:-} -DCMAKE_CUDA_FLAGS=-lineinfo"
 CMAKE_ARGS="${CMAKE_ARGS:-} -DFLASHRT_PTXAS_VERBOSE=ON" timeout "$T_BUILD" $PY -m pip install --no-build-isolation --no-deps -v ./packages/flashrt-kernels \

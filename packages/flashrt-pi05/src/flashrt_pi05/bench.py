@@ -86,16 +86,33 @@ def _percentiles(values_ms) -> dict:
             "min": float(a.min()), "n": int(a.size)}
 
 
-def _tail_split(wall_ms, gpu_ms, p99_ms) -> dict:
+HOST_PHASES = ("before_infer", "launch", "wait", "after_sync")
+
+
+def _host_phases(start, end, marks) -> list[float]:
+    """One predict() call's host clock split at the pipeline's marks (ms): preprocessing up to
+    infer(), the launch (graph replay + D2H enqueued), the wait for the GPU, the work after it."""
+    t_enter, t_launched, t_synced, _ = marks
+    return [(t_enter - start) * 1e3, (t_launched - t_enter) * 1e3, (t_synced - t_launched) * 1e3,
+            (end - t_synced) * 1e3]
+
+
+def _tail_split(wall_ms, gpu_ms, p99_ms, phases=None) -> dict:
     """Where the slow calls' time went: the median call's and the calls at or above p99's GPU time
-    (graph + D2H, from the pipeline's events) and host time (the rest of predict())."""
-    if not gpu_ms or gpu_ms[0] is None:
-        return {}
-    wall, gpu = np.asarray(wall_ms, np.float64), np.asarray(gpu_ms, np.float64)
+    (graph + D2H, from the pipeline's events) and host time (the rest of predict()), and the host
+    clock's phases (``HOST_PHASES``) of both."""
+    wall = np.asarray(wall_ms, np.float64)
     slow = wall >= p99_ms
-    return {"gpu_ms_p50": float(np.median(gpu)), "host_ms_p50": float(np.median(wall - gpu)),
-            "slow_calls": int(slow.sum()), "slow_gpu_ms_mean": float(gpu[slow].mean()),
-            "slow_host_ms_mean": float((wall - gpu)[slow].mean())}
+    out = {"slow_calls": int(slow.sum())}
+    if gpu_ms and gpu_ms[0] is not None:  # no GPU events on the CPU (--smoke)
+        gpu = np.asarray(gpu_ms, np.float64)
+        out.update({"gpu_ms_p50": float(np.median(gpu)), "host_ms_p50": float(np.median(wall - gpu)),
+                    "slow_gpu_ms_mean": float(gpu[slow].mean()), "slow_host_ms_mean": float((wall - gpu)[slow].mean())})
+    if phases:
+        ph = np.asarray(phases, np.float64)
+        out["host_phases_ms_p50"] = dict(zip(HOST_PHASES, np.median(ph, axis=0).tolist()))
+        out["slow_host_phases_ms_mean"] = dict(zip(HOST_PHASES, ph[slow].mean(axis=0).tolist()))
+    return out
 
 
 def _cosine(a, b) -> float:
@@ -466,12 +483,14 @@ def _bench_fast_path(args, config, frontend_cls, checkpoint, vla_model_cls, view
     gc.collect()
     gc.freeze()
     mem_before, rss_before = _mem_allocated(), _host_rss()
-    wall, gpu = [], []
+    wall, gpu, phases = [], [], []
     for i in range(iters):
         start = time.perf_counter()
         predict(i)
-        wall.append((time.perf_counter() - start) * 1e3)
+        end = time.perf_counter()
+        wall.append((end - start) * 1e3)
         gpu.append(pipe.last_call_gpu_ms())
+        phases.append(_host_phases(start, end, pipe.last_call_host_marks()))
     for i in range(max(0, memory_calls - iters)):
         predict(i)
     _sync()
@@ -509,7 +528,7 @@ def _bench_fast_path(args, config, frontend_cls, checkpoint, vla_model_cls, view
     knobs = _bench_knobs(args, config, frontend_cls, checkpoint, vla_model_cls, views, precision, case, num_steps) if (
         args.knobs and views == 2) else []
     p = _percentiles(wall)
-    tail = _tail_split(wall, gpu, p["p99"])
+    tail = _tail_split(wall, gpu, p["p99"], phases)
     entry = {
         "views": views, "precision": precision, "ops": pipe.ops.name, "ops_requested": ops,
         "kernels_fallback_reason": pipe.ops.fallback_reason,
@@ -674,9 +693,14 @@ def _print_entry(e):
           f"{st['denoise']:.3f} | cos {e['cosine_vs_fp32']:.6f} | peak {e['peak_mem_gb']:.2f} GiB"
           f" | p99 check {'ok' if e['p99_check']['pass'] else 'FAIL'} | mem growth {e['memory_growth']['gpu_bytes']} B")
     c = e["p99_check"]
-    if "slow_calls" in c:  # is the tail on the GPU or on the host?
+    if "gpu_ms_p50" in c:  # is the tail on the GPU or on the host?
         print(f"    calls: gpu p50 {c['gpu_ms_p50']:.3f} ms, host p50 {c['host_ms_p50']:.3f} ms; the {c['slow_calls']} "
               f"calls >= p99: gpu {c['slow_gpu_ms_mean']:.3f} ms, host {c['slow_host_ms_mean']:.3f} ms (mean)", flush=True)
+    if "host_phases_ms_p50" in c:
+        def fmt(d):
+            return " ".join(f"{k} {v:.3f}" for k, v in d.items())
+        print(f"    host clock (ms): p50 {fmt(c['host_phases_ms_p50'])}; >= p99 {fmt(c['slow_host_phases_ms_mean'])}",
+              flush=True)
 
 
 def _print_table(doc):

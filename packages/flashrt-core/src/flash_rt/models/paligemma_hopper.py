@@ -331,6 +331,9 @@ class PaliGemmaHopperPipeline:
         else:
             self.actions_host = torch.empty(self.actions.shape, dtype=f32)
             self.ids_host = torch.empty((self.max_prompt_len,), dtype=torch.int64)
+        # host clock (time.perf_counter) at infer()'s entry, after the graph launch returned, after
+        # the sync returned, at its return: last_call_host_marks()
+        self._host_marks = (0.0, 0.0, 0.0, 0.0)
 
     def buffer_bytes(self) -> int:
         bufs = [self.images, self.noise, self.x_t, self.actions, self.prefix_x, self.suffix_x, self.vision_x,
@@ -567,6 +570,7 @@ class PaliGemmaHopperPipeline:
         """Run the call for the current bucket on the loaded inputs; one sync, on the D2H.
 
         ``prefix=False`` replays the denoise-only graph on the cached prefix KV (cache_frames)."""
+        t_enter = time.perf_counter()
         bucket = self._bucket()
         if not self.calibrated:
             self.calibrate_current()
@@ -582,10 +586,14 @@ class PaliGemmaHopperPipeline:
             else:
                 self.run_denoise(bucket)
             self.actions_host.copy_(self.actions, non_blocking=True)
+            t_launched = time.perf_counter()
             if self.is_cuda:
                 self._call_events[1].record()
                 torch.cuda.current_stream().synchronize()
-        return self.actions_host.numpy().copy()
+            t_synced = time.perf_counter()
+        actions = self.actions_host.numpy().copy()
+        self._host_marks = (t_enter, t_launched, t_synced, time.perf_counter())
+        return actions
 
     def last_call_gpu_ms(self) -> float | None:
         """GPU time of the last infer(): from the start of its graph to the end of its D2H copy
@@ -594,6 +602,13 @@ class PaliGemmaHopperPipeline:
             return None
         start, end = self._call_events
         return start.elapsed_time(end)
+
+    def last_call_host_marks(self) -> tuple[float, float, float, float]:
+        """``time.perf_counter()`` of the last infer() at its entry, after the launch (graph replay
+        and the D2H enqueued) returned, after the sync returned, and at its return. With the
+        caller's own clock around predict() they split the host time: preprocessing before the
+        entry, the launch, the wait (mostly GPU time), and the work after the sync."""
+        return self._host_marks
 
     def _bucket(self) -> Bucket:
         if self.current is None:

@@ -84,9 +84,12 @@ def clean_prompt(prompt: str) -> str:
     return prompt.strip().replace("_", " ").replace("\n", " ")
 
 
+_STATE_BIN_EDGES = np.linspace(-1.0, 1.0, STATE_BINS + 1)[:-1]  # once, not on every predict()
+
+
 def discretize_state(state: np.ndarray) -> np.ndarray:
     """256 bins over [-1, 1]: -1 for values below -1, 255 for values at or above the last edge."""
-    return np.digitize(state, bins=np.linspace(-1.0, 1.0, STATE_BINS + 1)[:-1]) - 1
+    return np.digitize(state, bins=_STATE_BIN_EDGES) - 1
 
 
 def pi05_prompt_text(prompt: str, state_normalized: np.ndarray) -> str:
