@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One device call that asks Nsight Compute where a kernel's warps stall, per SASS instruction:
 # build flashrt-kernels (sm_90a), then for each probe of scripts/ncu_probe.py profile one launch
-# with the full section set and source counters, and export
-#   $OUT/<probe>_details.txt  the sections (duration, occupancy, warp-state statistics, ...)
-#   $OUT/<probe>_sass.csv     every SASS instruction with its executed count and stall samples
+# with the full section set and source counters, and export, packed into $OUT/ncu_<probe>.tgz,
+#   <probe>_details.txt  the sections (duration, occupancy, warp-state statistics, ...)
+#   <probe>_sass.csv     every SASS instruction with its executed count and stall samples
 # Read the CSV with scripts/ncu_hotspots.py. Usage: bash scripts/ncu_source.sh [attn gemm ...]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,4 +33,8 @@ for probe in "${@:-attn}"; do
   grep -E "^ +(Duration|Registers Per Thread|Achieved Occupancy|Warp Cycles Per Issued Instruction|Executed Ipc Active|Block Limit Registers|Dynamic Shared Memory Per Block|Grid Size)" \
     "$RES/${probe}_details.txt"
   $PY scripts/ncu_hotspots.py "$RES/${probe}_sass.csv" --top 25 || true
+  # one file per probe (the device tool returns few files): the report stays behind, the text
+  # and CSV exports come back as $RES/ncu_<probe>.tgz
+  tar czf "$RES/ncu_$probe.tgz" -C "$RES" "${probe}_details.txt" "${probe}_sass.csv" "${probe}_ncu.log" \
+    && rm -f "$RES/${probe}_details.txt" "$RES/${probe}_sass.csv" "$RES/${probe}_ncu.log" "$rep.ncu-rep"
 done
