@@ -100,31 +100,31 @@ t0=$(stamp)
 build_rc=0
 build_msg="shared with the parent run"
 if [ -z "${FLASHRT_GPU_CHECK_BUILT:-}" ]; then
-if ! $PY -m pip install --no-build-isolation --no-deps ./packages/flashrt-core > "$OUT/install_core.log" 2>&1; then
-  # still importable from the source tree (entry-point plugins are then missing)
-  export PYTHONPATH="$ROOT/packages/flashrt-core/src${PYTHONPATH:+:$PYTHONPATH}"
-  say "install flashrt-core: FAILED (install_core.log); using PYTHONPATH=packages/flashrt-core/src"
-fi
-for pkg in packages/flashrt-pi05 packages/flashrt-pi0 packages/flashrt-pi0fast packages/flashrt-groot packages/flashrt-video; do
-  [ -f "$pkg/pyproject.toml" ] && $PY -m pip install --no-build-isolation --no-deps "./$pkg" >> "$OUT/install_models.log" 2>&1
-done
-T_BUILD=$(limit 240 200)
-# nothing later works without the build: under a small budget it takes what the later stages
-# would have kept (a 30 s build limit once cost a whole device call)
-[ "$T_BUILD" -lt 120 ] && T_BUILD=$(limit 240 10)
-# FLASHRT_LINEINFO=1: SASS-to-source line tables, for scripts/ncu_source.sh (no effect on the code)
-[ -n "${FLASHRT_LINEINFO:-}" ] && CMAKE_ARGS="${CMAKE_ARGS:-} -DCMAKE_CUDA_FLAGS=-lineinfo"
-CMAKE_ARGS="${CMAKE_ARGS:-} -DFLASHRT_PTXAS_VERBOSE=ON" timeout "$T_BUILD" $PY -m pip install --no-build-isolation --no-deps -v ./packages/flashrt-kernels \
-  > "$OUT/build_kernels.log" 2>&1
-build_rc=$?
-t1=$(stamp)
-if [ $build_rc -eq 0 ]; then
-  build_msg="ok in $((t1 - t0)) s (CUDAARCHS=$CUDAARCHS)"
-else
-  build_msg="FAILED rc=$build_rc after $((t1 - t0)) s (build_kernels.log)"
-  tail -40 "$OUT/build_kernels.log"
-fi
-grep -E "spill|Used [0-9]+ registers" "$OUT/build_kernels.log" > "$OUT/ptxas.txt" 2>/dev/null
+  if ! $PY -m pip install --no-build-isolation --no-deps ./packages/flashrt-core > "$OUT/install_core.log" 2>&1; then
+    # still importable from the source tree (entry-point plugins are then missing)
+    export PYTHONPATH="$ROOT/packages/flashrt-core/src${PYTHONPATH:+:$PYTHONPATH}"
+    say "install flashrt-core: FAILED (install_core.log); using PYTHONPATH=packages/flashrt-core/src"
+  fi
+  for pkg in packages/flashrt-pi05 packages/flashrt-pi0 packages/flashrt-pi0fast packages/flashrt-groot packages/flashrt-video; do
+    [ -f "$pkg/pyproject.toml" ] && $PY -m pip install --no-build-isolation --no-deps "./$pkg" >> "$OUT/install_models.log" 2>&1
+  done
+  T_BUILD=$(limit 240 200)
+  # nothing later works without the build: under a small budget it takes what the later stages
+  # would have kept (a 30 s build limit once cost a whole device call)
+  [ "$T_BUILD" -lt 120 ] && T_BUILD=$(limit 240 10)
+  # FLASHRT_LINEINFO=1: SASS-to-source line tables, for scripts/ncu_source.sh (no effect on the code)
+  [ -n "${FLASHRT_LINEINFO:-}" ] && CMAKE_ARGS="${CMAKE_ARGS:-} -DCMAKE_CUDA_FLAGS=-lineinfo"
+  CMAKE_ARGS="${CMAKE_ARGS:-} -DFLASHRT_PTXAS_VERBOSE=ON" timeout "$T_BUILD" $PY -m pip install --no-build-isolation --no-deps -v ./packages/flashrt-kernels \
+    > "$OUT/build_kernels.log" 2>&1
+  build_rc=$?
+  t1=$(stamp)
+  if [ $build_rc -eq 0 ]; then
+    build_msg="ok in $((t1 - t0)) s (CUDAARCHS=$CUDAARCHS)"
+  else
+    build_msg="FAILED rc=$build_rc after $((t1 - t0)) s (build_kernels.log)"
+    tail -40 "$OUT/build_kernels.log"
+  fi
+  grep -E "spill|Used [0-9]+ registers" "$OUT/build_kernels.log" > "$OUT/ptxas.txt" 2>/dev/null
 fi
 (cd /tmp && $PY -c "import flashrt_kernels as fk; print('flashrt_kernels', fk.__version__, fk.built_archs(), 'devices', fk.device_count())") \
   > "$OUT/import.txt" 2>&1
