@@ -259,6 +259,14 @@ def test_skinny_gemm_is_deterministic_and_graph_capturable():
 # Skinny GEMM with fused epilogues (GeGLU, RoPE + KV cache), the fp32 small linear
 
 
+def _fp8_operands(x, w):
+    """x and w as E4M3 at static scales (x at 0.01, w at its max / 448), their scales, and the
+    kernels' x_scale / w_scale arguments: the fused-epilogue tests' FP8 case."""
+    xs, ws = 0.01, float(w.float().abs().max()) / 448
+    args = dict(x_scale=scalar(xs).data_ptr(), w_scale=scalar(ws).data_ptr())
+    return fp8_ref(x.float(), xs), fp8_ref(w.float(), ws), xs, ws, args
+
+
 @pytest.mark.parametrize("m,k,inter", [(50, 1024, 4096), (51, 1024, 4096), (7, 256, 136), (64, 512, 520)])
 @pytest.mark.parametrize("dtype,out_fp8", [("bf16", False), ("fp8", False), ("fp8", True)])
 def test_skinny_gemm_geglu(m, k, inter, dtype, out_fp8):
@@ -270,9 +278,7 @@ def test_skinny_gemm_geglu(m, k, inter, dtype, out_fp8):
     x = rnd(m, k)
     args = {}
     if dtype == "fp8":
-        xs, ws = 0.01, float(w.float().abs().max()) / 448
-        x, w = fp8_ref(x.float(), xs), fp8_ref(w.float(), ws)
-        args = dict(x_scale=scalar(xs).data_ptr(), w_scale=scalar(ws).data_ptr())
+        x, w, xs, ws, args = _fp8_operands(x, w)
         x_ref, w_ref = x.double() * xs, w.double() * ws
     else:
         x_ref, w_ref = x, w
@@ -303,9 +309,7 @@ def test_skinny_gemm_rope_qkv(m, k, hq, hkv, d, offset, dtype):
     x = rnd(m, k)
     args = {}
     if dtype == "fp8":
-        xs, ws = 0.01, float(w.float().abs().max()) / 448
-        x, w = fp8_ref(x.float(), xs), fp8_ref(w.float(), ws)
-        args = dict(x_scale=scalar(xs).data_ptr(), w_scale=scalar(ws).data_ptr())
+        x, w, xs, ws, args = _fp8_operands(x, w)
         qkv = gemm_ref(x.double() * xs, w.double()[torch.argsort(order)] * ws)
     else:
         qkv = gemm_ref(x, w_nat)
