@@ -23,9 +23,6 @@ PROMPT_LEN = {"pi05": 120, "pi0": 30}
 
 
 def main(argv=None):
-    from flash_rt.models.pi_config import PiConfig
-    from flash_rt.models.pi_random_weights import fill_random_
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="pi0", choices=("pi05", "pi0"))
     ap.add_argument("--views", default="1")
@@ -33,11 +30,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    config = PiConfig(model_type=args.config, max_token_len=200 if args.config == "pi05" else 48)
-    with torch.device("cuda"):
-        ref = ht.reference_class(args.config)(config)
-    fill_random_(ref, seed=0)
-    ref.eval()
+    config = ht.true_size_config(args.config)
+    ref = ht.random_reference(config)
     base = ht.pipeline_class(args.config).fp8_keep_bf16
     n = PROMPT_LEN[args.config]
     for views in (int(v) for v in args.views.split(",")):

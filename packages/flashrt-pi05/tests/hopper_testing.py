@@ -40,6 +40,22 @@ def pipeline_class(model_type: str):
     return Pi0HopperPipeline
 
 
+def true_size_config(model_type: str) -> PiConfig:
+    """The released model's dimensions; prompt + state up to 200 tokens (Pi0.5), 48 (Pi0)."""
+    return PiConfig(model_type=model_type, max_token_len=200 if model_type == "pi05" else 48)
+
+
+def random_reference(config, device="cuda", seed=0):
+    """The fp32 reference with random weights drawn directly on ``device`` (what ``flashrt bench``
+    measures; no state_dict round trip at 3B parameters)."""
+    from flash_rt.models.pi_random_weights import fill_random_
+
+    with torch.device(device):
+        ref = reference_class(config.model_type)(config)
+    fill_random_(ref, seed=seed)
+    return ref.eval()
+
+
 def make_reference(config, state_dict, device="cpu", **kwargs):
     ref = reference_class(config.model_type)(config, **kwargs)
     ref.load_state_dict(state_dict, strict=True)

@@ -55,17 +55,11 @@ def _free():
 
 @pytest.fixture(scope="module", params=["pi05", "pi0"])
 def true_size(request):
-    from flash_rt.models.pi_config import PiConfig
-    from flash_rt.models.pi_random_weights import fill_random_
-
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # the ground truth is fp32, not TF32
     torch.backends.cudnn.allow_tf32 = False
-    config = PiConfig(model_type=request.param, max_token_len=200 if request.param == "pi05" else 48)
-    with torch.device("cuda"):
-        ref = ht.reference_class(request.param)(config)
-    fill_random_(ref, seed=0)
-    ref.eval()
+    config = ht.true_size_config(request.param)
+    ref = ht.random_reference(config)
     yield config, ref
     del ref
     _free()
