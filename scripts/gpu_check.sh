@@ -19,6 +19,10 @@
 #   bash scripts/gpu_check.sh all       both, with the model benchmark at BENCH_VIEWS (default 2) only
 #                                       (~5 min: one call that checks everything)
 #   bash scripts/gpu_check.sh build     deps + build + import only (for ad-hoc runs after it)
+#   bash scripts/gpu_check.sh ab        build, the attention / elementwise kernel tests, the true-size
+#                                       model tests at 2 views, and A/B timings of the fast path's
+#                                       switches (L2 prefetch, cluster combine): kernel bench rows with
+#                                       the cluster on / off, profile_pipeline.py --variants (~7 min)
 #
 #   <mode> --with-compile   on a machine with two GPUs: after the one shared build, the `compile` mode
 #                           runs on GPU 1 while <mode> runs on GPU 0 (its results, inductor_autotune.tgz
@@ -183,6 +187,47 @@ run_models() {
 if [ "$MODE" = models ]; then
   run_models
   exit $?
+fi
+
+# 3a. A/B of the fast path's switches: are they correct, and what does each one buy?
+if [ "$MODE" = ab ]; then
+  t0=$(stamp)
+  ab_tests=""
+  for f in attention elementwise; do
+    T_FILE=$(limit 100 300)
+    timeout "$T_FILE" $PY -m pytest -m gpu "packages/flashrt-kernels/tests/test_kernels_gpu_$f.py" -q -rfEs \
+      -p no:cacheprovider > "$OUT/pytest_$f.log" 2>&1
+    ab_tests="$ab_tests $f: rc=$? $(grep -E "(passed|failed|error|no tests ran)" "$OUT/pytest_$f.log" | tail -1);"
+  done
+  T_MT=$(limit 150 240)
+  FLASHRT_GPU_REPORT=$OUT/hopper_gpu.jsonl timeout "$T_MT" $PY -m pytest -m gpu -s -q -rfEs -p no:cacheprovider \
+    packages/flashrt-pi05/tests/test_hopper_gpu.py -k "prefetch or (matches_fp32 and 2-)" > "$OUT/pytest_hopper_gpu.log" 2>&1
+  ab_tests="$ab_tests models: rc=$? $(grep -E "(passed|failed|error|no tests ran)" "$OUT/pytest_hopper_gpu.log" | tail -1)"
+  t1=$(stamp)
+  for cl in 1 0; do
+    T_K=$(limit 60 150)
+    FLASHRT_ATTN_CLUSTER=$cl timeout "$T_K" $PY scripts/bench_kernels.py \
+      --only "skinny_gemm_fp8,skinny_fp8,attn decode split" --out "$OUT/bench_kernels_cluster$cl.json" \
+      > "$OUT/bench_cluster$cl.log" 2>&1
+  done
+  T_P=$(limit 240 10)
+  timeout "$T_P" $PY scripts/profile_pipeline.py --config pi05 --views 2 --precision "${AB_PRECISION:-fp8}" \
+    --variants all,no-prefetch,no-cluster,neither --out "$OUT/profile_ab.json" > "$OUT/profile_ab.log" 2>&1
+  p_rc=$?
+  echo
+  echo "==================== gpu_check ab summary ($(date -u +%FT%TZ)) ===================="
+  say "device:  $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
+  say "build:   $build_msg; ptxas: $(grep -cE '[1-9][0-9]* bytes spill stores' "$OUT/ptxas.txt") kernels with spills"
+  say "tests ($((t1 - t0)) s):$ab_tests"
+  grep -hE "^(FAILED|ERROR)" "$OUT"/pytest_*.log | head -20 | cut -c1-240 | tee -a "$SUMMARY"
+  for cl in 1 0; do
+    say "kernel bench, FLASHRT_ATTN_CLUSTER=$cl:"
+    sed -n '/^op /,$p' "$OUT/bench_cluster$cl.log" | tee -a "$SUMMARY"
+  done
+  say "pipeline A/B (profile_pipeline.py, rc=$p_rc):"
+  grep -E "^(== |graph replay|denoise replay|attn|skinny|norm|nvjet|geglu)" "$OUT/profile_ab.log" | cut -c1-150 | tee -a "$SUMMARY"
+  sed -n '/^model  prec/,$p' "$OUT/profile_ab.log" | tee -a "$SUMMARY"
+  exit $p_rc
 fi
 
 # 3c. the torch.compile(max-autotune) baseline, alone in a call: its autotuning takes minutes.

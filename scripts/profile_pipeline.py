@@ -9,6 +9,11 @@ For Pi0.5 / Pi0 at true size (random weights drawn on the GPU), per precision:
 
     python scripts/profile_pipeline.py --config pi05 --views 2 --precision fp8,bf16 --out $OUT/profile.json
 
+``--variants`` repeats each case with switches of the fast path turned off (A/B in one process, the
+actions compared with the first variant's): ``all`` (default: everything on), ``no-prefetch``
+(FLASHRT_L2_PREFETCH=0: no L2 prefetch of the expert's next layer), ``no-cluster``
+(FLASHRT_ATTN_CLUSTER=0: the split-KV combine as a second kernel), ``neither``.
+
 Prints one table per case; the JSON holds every kernel row.
 """
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import re
 import statistics
 from pathlib import Path
@@ -81,7 +87,16 @@ def _profile_graph(graph):
             "by_name": dict(sorted(rows.items(), key=lambda kv: -kv[1]["us"]))}
 
 
-def run_case(config, sd, views, precision, prompt_len, seed=0):
+VARIANTS = {  # name -> the environment switches it sets (read at pipeline construction / launch)
+    "all": {"FLASHRT_L2_PREFETCH": "1", "FLASHRT_ATTN_CLUSTER": "1"},
+    "no-prefetch": {"FLASHRT_L2_PREFETCH": "0", "FLASHRT_ATTN_CLUSTER": "1"},
+    "no-cluster": {"FLASHRT_L2_PREFETCH": "1", "FLASHRT_ATTN_CLUSTER": "0"},
+    "neither": {"FLASHRT_L2_PREFETCH": "0", "FLASHRT_ATTN_CLUSTER": "0"},
+}
+
+
+def run_case(config, sd, views, precision, prompt_len, seed=0, variant="all"):
+    os.environ.update(VARIANTS[variant])
     cls = ht.pipeline_class(config.model_type)
     pipe = cls(sd, config, num_views=views, use_fp8=precision == "fp8")
     pipe.autotune_attention(3)  # as load_model's default autotune=3
@@ -97,7 +112,8 @@ def run_case(config, sd, views, precision, prompt_len, seed=0):
         pipe.calibrate_current()
     pipe.infer()
     out = {"model": config.model_type, "views": views, "precision": precision, "ops": pipe.ops.name,
-           "prefix_tokens": pipe.prefix_len(bucket), "steps": pipe.num_steps, "stages_ms": {}}
+           "variant": variant, "prefix_tokens": pipe.prefix_len(bucket), "steps": pipe.num_steps, "stages_ms": {},
+           "actions": pipe.actions.float().cpu().numpy()}
     for kind in ("full", "vision", "prefix", "denoise"):
         out["stages_ms"][kind] = _median_replay_ms(pipe._graph(bucket, kind))
     out["denoise_profile"] = _profile_graph(pipe._graph(bucket, "denoise"))
@@ -110,8 +126,8 @@ def run_case(config, sd, views, precision, prompt_len, seed=0):
 
 def print_case(c):
     s = c["stages_ms"]
-    print(f"\n== {c['model']} {c['precision']} {c['views']} views, ops={c['ops']}, prefix {c['prefix_tokens']} tokens, "
-          f"{c['steps']} steps ==")
+    print(f"\n== {c['model']} {c['precision']} {c['views']} views, ops={c['ops']}, variant {c['variant']}, "
+          f"prefix {c['prefix_tokens']} tokens, {c['steps']} steps ==")
     print(f"graph replay ms: full {s['full']:.2f}  vision {s['vision']:.2f}  prefix {s['prefix']:.2f}  "
           f"denoise {s['denoise']:.2f}")
     p = c["denoise_profile"]
@@ -139,16 +155,36 @@ def main(argv=None):
     ap.add_argument("--views", default="2")
     ap.add_argument("--precision", default="fp8,bf16")
     ap.add_argument("--prompt-len", type=int, default=65)
+    ap.add_argument("--variants", default="all", help=f"comma-separated, of {sorted(VARIANTS)}")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     config = PiConfig(model_type=args.config, max_token_len=200 if args.config == "pi05" else 48)
     sd = random_state_dict(config, device="cuda")
     cases = []
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"--variants: unknown {unknown}; choose from {sorted(VARIANTS)}")
     for precision in args.precision.split(","):
         for views in (int(v) for v in args.views.split(",")):
-            case = run_case(config, sd, views, precision, min(args.prompt_len, config.max_token_len))
-            print_case(case)
-            cases.append(case)
+            first = None
+            for variant in variants:
+                case = run_case(config, sd, views, precision, min(args.prompt_len, config.max_token_len),
+                                variant=variant)
+                actions = case.pop("actions")
+                if first is None:
+                    first = actions
+                case["actions_vs_first_variant"] = {"cos": ht.np_cos(actions, first),
+                                                    "max_abs": float(np.abs(actions - first).max())}
+                print_case(case)
+                cases.append(case)
+    if len(variants) > 1:
+        print(f"\n{'model':6s} {'prec':5s} {'views':>5s} {'variant':12s} {'full ms':>8s} {'denoise':>8s} "
+              f"{'vs first: cos':>14s} {'max abs':>9s}")
+        for c in cases:
+            a = c["actions_vs_first_variant"]
+            print(f"{c['model']:6s} {c['precision']:5s} {c['views']:5d} {c['variant']:12s} {c['stages_ms']['full']:8.3f} "
+                  f"{c['stages_ms']['denoise']:8.3f} {a['cos']:14.8f} {a['max_abs']:9.2e}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "cases": cases}, f, indent=1)

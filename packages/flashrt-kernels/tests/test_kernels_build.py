@@ -60,6 +60,12 @@ def test_arguments_are_checked_before_any_cuda_call():
         fk.bias_act(0x1000, 0, 0x2000, 1, 8, activation="gelu_erf")
     with pytest.raises(TypeError, match="device address"):
         fk.amax(1.5, 8, 0x1000)
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        fk.prefetch_l2([(0x1000, 64), (0x1008, 64)])
+    with pytest.raises(ValueError, match=r"expected \(address, nbytes\)"):
+        fk.prefetch_l2([0x1000])
+    with pytest.raises(ValueError, match="nbytes: expected >= 0"):
+        fk.prefetch_l2([(0x1000, -16)])
 
 
 def test_binding_reports_invalid_values_as_cuda_codes():

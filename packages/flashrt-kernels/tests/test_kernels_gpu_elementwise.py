@@ -241,3 +241,53 @@ def test_quantize_saturates_instead_of_nan():
     torch.cuda.synchronize()
     got = out.float().cpu().tolist()
     assert got[0] == 448.0 and got[1] == -448.0 and got[2] == 3.0 and got[6] == 0.5
+
+
+# ------------------------------------------------------------------------------------------------
+# L2 prefetch: a hint that must change nothing and keep stream order
+
+
+def test_prefetch_l2_writes_nothing_and_keeps_stream_order():
+    """Under PDL a kernel after the prefetch waits only for the prefetch kernel; the prefetch must
+    itself wait for the kernel before it. A large norm, then the prefetch, then an FP8 quantisation
+    of the norm's output: the quantisation must see every row of it."""
+    if E4M3 is None:
+        pytest.skip("torch has no float8_e4m3fn")
+    rows, hidden = 8192, 4096  # ~64 MB each way: the norm runs long enough to be overtaken
+    x, w = rnd(rows, hidden), rnd(hidden, scale=0.1)
+    normed = poisoned(rows, hidden)
+    out = poisoned(rows * hidden, dtype=E4M3)
+    # odd sizes, an empty range and more ranges than one launch takes (8)
+    weights = [rnd(n // 2 + 1) for n in (16384 * 3 + 10, 17, 2, 40000, 64, 1 << 20, 300, 5, 16, 99999)]
+    ranges = [(t.data_ptr(), n) for t, n in zip(weights, (t.numel() * 2 for t in weights))] + [(x.data_ptr(), 0)]
+    before = [t.clone() for t in weights]
+    fk.rms_norm(x.data_ptr(), w.data_ptr(), normed.data_ptr(), rows, hidden, stream=stream())
+    fk.prefetch_l2(ranges, stream=stream())
+    fk.quantize_fp8(normed.data_ptr(), out.data_ptr(), rows * hidden, scalar(0.05).data_ptr(), stream=stream())
+    torch.cuda.synchronize()
+    for t, b in zip(weights, before):
+        assert torch.equal(t, b), "prefetch_l2 changed the memory it prefetched"
+    ref = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6) * (1.0 + w.float())
+    check(normed, ref, atol=2e-2, rtol=2e-2, what="norm before the prefetch")
+    check_fp8(out, normed.float().reshape(-1), 0.05, "quantize after the prefetch")
+
+
+def test_prefetch_l2_from_a_side_stream_inside_a_cuda_graph():
+    """The pipeline's use: fork a side stream that prefetches the next layer's weights, join later."""
+    w_next = rnd(4096, 1024)
+    x = rnd(64, 1024)
+    out = poisoned(64, 1024)
+    side = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    main = torch.cuda.Stream()
+    with torch.cuda.stream(main):
+        with torch.cuda.graph(graph, stream=main):
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                fk.prefetch_l2([(w_next.data_ptr(), w_next.numel() * 2)], stream=stream())
+            fk.rms_norm(x.data_ptr(), w_next[0].data_ptr(), out.data_ptr(), 64, 1024, stream=stream())
+            main.wait_stream(side)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6) * (1.0 + w_next[0].float())
+    check(out, ref, atol=2e-2, rtol=2e-2, what="norm beside a captured prefetch")

@@ -6,6 +6,7 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 namespace flashrt::api {
 
@@ -53,5 +54,7 @@ int attention(int dtype, Addr q, Addr k, Addr v, Addr o, Strides3 q_strides, Str
 int attention_num_splits(int batch, int seqlen_q, int seqlen_k, int heads_q, int heads_kv, int head_dim,
                          int num_sms, int* splits);
 int attention_max_splits();
+
+int prefetch_l2(const std::vector<Addr>& ptrs, const std::vector<int64_t>& bytes, Addr stream);
 
 }  // namespace flashrt::api

@@ -656,13 +656,11 @@ inline int attention_num_splits(int batch, int seqlen_q, int seqlen_k, int heads
 }
 
 // FLASHRT_ATTN_CLUSTER=0 turns the cluster combine off (measurements; the two-kernel path is the
-// fallback anyway).
+// fallback anyway). Read at every launch, so one process can compare both: a captured graph keeps
+// what was chosen when it was captured.
 inline bool attention_cluster_allowed_by_env() {
-  static const bool allowed = [] {
-    const char* v = getenv("FLASHRT_ATTN_CLUSTER");
-    return !(v && v[0] == '0');
-  }();
-  return allowed;
+  const char* v = getenv("FLASHRT_ATTN_CLUSTER");
+  return !(v && v[0] == '0');
 }
 
 // The split-KV call as one cluster per row tile (grid.z = splits = cluster size): sm_90+ and a

@@ -477,3 +477,22 @@ def attention(q: int, k: int, v: int, o: int, *, batch: int, seqlen_q: int, seql
                       _need_ptr("out_scale", out_scale, 4, True), _stream(stream))
     _raise_if(rc, "attention")
     return num_splits
+
+
+# ------------------------------------------------------------------------------------------------
+# L2 prefetch
+
+
+def prefetch_l2(ranges: Sequence[tuple[int, int]], *, stream: int = 0) -> None:
+    """Ask for each (address, nbytes) range to be brought into L2; returns at once.
+
+    A hint for weights a later kernel streams (the action expert's next layer, from a side stream
+    of the same graph): it writes nothing and needs no synchronisation. A range's last < 16 bytes
+    may be left out. Addresses must be 16-byte aligned (any tensor's start is)."""
+    ptrs, sizes = [], []
+    for i, rng in enumerate(ranges):
+        if not isinstance(rng, (tuple, list)) or len(rng) != 2:
+            raise ValueError(f"ranges[{i}]: expected (address, nbytes), got {rng!r}")
+        ptrs.append(_need_ptr(f"ranges[{i}] address", rng[0]))
+        sizes.append(_need_size(f"ranges[{i}] nbytes", rng[1], minimum=0))
+    _raise_if(_C.prefetch_l2(ptrs, sizes, _stream(stream)), "prefetch_l2")

@@ -34,6 +34,7 @@ class KernelOps(TorchOps):
     name = "kernels"
     residual_dtype = torch.bfloat16
     fused_epilogues = True  # the pipeline orders the expert's qkv / gate_up rows for the fused GEMMs
+    prefetches_l2 = True
 
     def __init__(self, act_dtype: torch.dtype, device: torch.device, autotune: int = 0):
         if act_dtype != torch.bfloat16:
@@ -63,6 +64,10 @@ class KernelOps(TorchOps):
         out = torch.empty(h.shape, dtype=torch.float8_e4m3fn, device=h.device)
         self.fk.quantize_fp8(h.data_ptr(), out.data_ptr(), h.numel(), lin.act_scale.data_ptr(), stream=self._stream())
         return out
+
+    def prefetch_l2(self, tensors):
+        """Ask for these tensors' bytes to be brought into L2, on the current stream; returns at once."""
+        self.fk.prefetch_l2([(t.data_ptr(), t.numel() * t.element_size()) for t in tensors], stream=self._stream())
 
     # GEMMs -----------------------------------------------------------------------------------
     def linear(self, h, lin, *, act=None, out_for=None, out=None, accumulate=False):

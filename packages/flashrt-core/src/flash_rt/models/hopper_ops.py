@@ -138,6 +138,7 @@ class TorchOps:
     fallback_reason = None  # why the compiled kernels are not in use, when they were wanted
     autotune = 0
     fused_epilogues = False  # True: the pipeline orders the expert's rows for fused GEMM epilogues
+    prefetches_l2 = False  # True: prefetch_l2 brings weights into L2 ahead of their GEMMs
 
     def __init__(self, act_dtype: torch.dtype):
         self.act_dtype = act_dtype

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -184,6 +185,9 @@ class PaliGemmaHopperPipeline:
         self._stream = None
         self._ids_ready = None
         self._sdpa_backends = None
+        self._prefetch_stream = None
+        # FLASHRT_L2_PREFETCH=0: no weight prefetch into L2 (measurements; see _prefetch_expert)
+        self.l2_prefetch = self.is_cuda and os.environ.get("FLASHRT_L2_PREFETCH", "1") != "0"
 
     # ------------------------------------------------------------------ weight preparation
     def _lin(self, name, weight, bias=None, *, fp8=True, dtype=None, row_order=None) -> Linear:
@@ -472,15 +476,37 @@ class PaliGemmaHopperPipeline:
         last = len(self.expert) - 1
         y = gate = None
         for i, layer in enumerate(self.expert):
+            self._prefetch_expert((i + 1) % len(self.expert))  # the next layer's (next step's) weights
             h = self.expert_norm(x, step, i, 0, lin=layer.qkv, y=y, gate=gate)
             q = ops.linear_rope_qkv(h, layer.qkv, **self._rope_args(i, start, x.shape[0], d.num_heads))
             if stop_after_kv and i == last:
+                self._join_prefetch()
                 return None, None
             y = ops.linear(self._attend(q, i, end, out_for=layer.o), layer.o)
             h = self.expert_norm(x, step, i, 1, lin=layer.gate_up, y=y, gate=self.expert_gate(step, i, 0))
             y = ops.linear(ops.linear_geglu(h, layer.gate_up, out_for=layer.down), layer.down)
             gate = self.expert_gate(step, i, 1)
+        self._join_prefetch()
         return y, gate
+
+    def _prefetch_expert(self, layer: int):
+        """Fork a side stream that asks for expert layer ``layer``'s weights to be brought into L2
+        while this stream runs the layer before it. The expert's GEMMs run on 50 rows: each is a
+        latency chain whose weight loads otherwise pay DRAM latency on the critical path. Two layers'
+        FP8 weights (~34 MB) fit the H100's 50 MB L2 beside the KV cache."""
+        if not (self.l2_prefetch and self.ops.prefetches_l2):
+            return
+        if self._prefetch_stream is None:
+            self._prefetch_stream = torch.cuda.Stream(self.device)
+        lay = self.expert[layer]
+        self._prefetch_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._prefetch_stream):
+            self.ops.prefetch_l2([lin.weight for lin in (lay.qkv, lay.o, lay.gate_up, lay.down)])
+
+    def _join_prefetch(self):
+        """The side stream rejoins (a graph capture must end joined); its kernels ended long ago."""
+        if self._prefetch_stream is not None and self.l2_prefetch and self.ops.prefetches_l2:
+            torch.cuda.current_stream().wait_stream(self._prefetch_stream)
 
     def expert_norm(self, x, step, layer, which, *, lin, y, gate):
         raise NotImplementedError
@@ -500,6 +526,7 @@ class PaliGemmaHopperPipeline:
     @torch.no_grad()
     def run_denoise(self, bucket: Bucket):
         self.x_t.copy_(self.noise)
+        self._prefetch_expert(0)  # the first step's first layer, behind the prefix's last kernels
         for step in range(self.num_steps):  # the Euler step x_t += dt * v, fused into the last GEMM
             self.denoise_delta(bucket, step, out=self.x_t, accumulate=True)
         self.actions.copy_(self.x_t)
