@@ -66,6 +66,8 @@ def test_arguments_are_checked_before_any_cuda_call():
         fk.prefetch_l2([0x1000])
     with pytest.raises(ValueError, match="nbytes: expected >= 0"):
         fk.prefetch_l2([(0x1000, -16)])
+    with pytest.raises(ValueError, match="at most 8 ranges"):
+        fk.rms_norm(0x1000, 0, 0x2000, 4, 64, prefetch=[(0x1000, 16)] * 9)
 
 
 def test_binding_reports_invalid_values_as_cuda_codes():
@@ -73,7 +75,7 @@ def test_binding_reports_invalid_values_as_cuda_codes():
     # without launching anything; the Python layer turns such codes into CudaError.
     from flashrt_kernels import _C
 
-    assert _C.norm(0x1000, 0, 0, 0, 0.0, 0, 0, 0, 0x2000, 0, 4, 12, 1e-6, False, True, 0) == 1
+    assert _C.norm(0x1000, 0, 0, 0, 0.0, 0, 0, 0, 0x2000, 0, 4, 12, 1e-6, False, True, [], [], 0) == 1
     assert "invalid argument" in fk.error_string(1)
 
 

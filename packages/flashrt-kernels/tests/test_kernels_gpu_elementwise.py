@@ -291,3 +291,24 @@ def test_prefetch_l2_from_a_side_stream_inside_a_cuda_graph():
     torch.cuda.synchronize()
     ref = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6) * (1.0 + w_next[0].float())
     check(out, ref, atol=2e-2, rtol=2e-2, what="norm beside a captured prefetch")
+
+
+def test_norm_with_prefetch_matches_the_norm_without():
+    """The norms' prologue prefetch (the pipeline's default) must not change their output."""
+    rows, hidden = 50, 1024
+    x, res, w = rnd(rows, hidden), rnd(rows, hidden), rnd(hidden, scale=0.1)
+    weights = [rnd(4096, 1024), rnd(1024, 4096), rnd(8192 + 3)]
+    ranges = [(t.data_ptr(), t.numel() * 2) for t in weights]
+    outs = []
+    for prefetch in ((), ranges):
+        r = res.clone()
+        out = poisoned(rows, hidden)
+        fk.add_rms_norm(x.data_ptr(), r.data_ptr(), w.data_ptr(), out.data_ptr(), rows, hidden,
+                        prefetch=prefetch, stream=stream())
+        torch.cuda.synchronize()
+        outs.append((out, r))
+    (out0, r0), (out1, r1) = outs
+    assert not torch.isnan(out1.float()).any()
+    assert torch.equal(out0, out1) and torch.equal(r0, r1)
+    ref_r = res.float() + x.float()
+    check(r1, ref_r, atol=1e-2, rtol=1e-2, what="residual with prefetch")

@@ -19,7 +19,7 @@ int device_capability(int device, int* major, int* minor);
 
 int norm(Addr x, Addr residual, Addr gate, Addr weight, float weight_offset, Addr bias, Addr mod_scale,
          Addr mod_shift, Addr out, Addr out_scale, int64_t rows, int hidden, float eps, bool layernorm, bool static_params,
-         Addr stream);
+         const std::vector<Addr>& prefetch_ptrs, const std::vector<int64_t>& prefetch_bytes, Addr stream);
 int bias_act(Addr x, Addr bias, Addr out, int64_t rows, int64_t cols, int activation, Addr out_scale,
              Addr stream);
 int geglu(Addr gate_up, Addr out, int64_t rows, int64_t inter, Addr out_scale, bool interleaved, Addr stream);

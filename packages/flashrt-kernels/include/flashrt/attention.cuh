@@ -11,9 +11,6 @@
 //
 // Split-KV: with num_splits > 1 each split handles a contiguous key range and writes an fp32
 // partial O and its log-sum-exp; a second kernel combines them (decode-style: few query tiles).
-// At head_dim 256 on sm_90 (the Gemma expert's denoise step) the splits of a row tile run as one
-// thread-block cluster instead and combine through distributed shared memory: no fp32 round trip,
-// no second kernel (FLASHRT_ATTN_CLUSTER=0: the two kernels, for measurements).
 //
 // Two "halves" of 4 warps per block share the 64 query rows and split the key tiles (half h takes
 // tiles h, h + 2, ...): twice the warps per SM on prefix grids of ~100 blocks, with Q loaded once.
@@ -26,8 +23,6 @@
 #include <cmath>
 #include <type_traits>
 #include <vector>
-
-#include <cooperative_groups.h>
 
 #include "flashrt/common.cuh"
 
@@ -138,127 +133,8 @@ struct Shape {
   }
 };
 
-// Split-KV with the splits of one row tile as a thread-block cluster (sm_90): the combine runs
-// in the kernel, through distributed shared memory, instead of an fp32 round trip through global
-// memory and a second kernel. Every block leaves its normalised partial O and per-row lse in its
-// own shared memory; after a cluster barrier, block `rank` combines rows [rank * 64 / splits,
-// (rank + 1) * 64 / splits) of the tile from every peer (in rank order: deterministic) and stores
-// them; a last barrier keeps each block's shared memory alive until its peers have read it. As in
-// the combine kernel, every remote load of a row is issued before the first one is used.
-template <int D>
-struct ClusterSmem {
-  static constexpr int kLd = D + 4;  // floats per partial row (16-byte rows, staggered banks)
-  static constexpr int kPart = kAttnBlockM * kLd;
-  static constexpr int kWeights = kAttnBlockM * kAttnMaxSplits;
-  static constexpr size_t kBytes = size_t(kPart + kWeights + kAttnBlockM) * sizeof(float);
-};
-
-template <typename T, int D, int H>
-__device__ __forceinline__ void cluster_finish(const AttnParams& p, unsigned char* smem_raw, int half, int tid,
-                                               const float (&acc_o)[D / 8][4], const float (&m_run)[2],
-                                               const float (&l_run)[2], int wrow, int row0, int rows_total,
-                                               int group, int b, int kvh) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  namespace cg = cooperative_groups;
-  using CS = ClusterSmem<D>;
-  constexpr float kLn2 = 0.6931471805599453f;
-  constexpr int kThreads = H * kAttnHalfThreads;
-  constexpr int kDt = D / 8, kLo = kDt / 2;
-  cg::cluster_group cluster = cg::this_cluster();
-  const int splits = int(cluster.num_blocks()), rank = int(cluster.block_rank());
-  float* part = reinterpret_cast<float*>(smem_raw);  // [64][kLd], this block's normalised partial
-  float* weights = part + CS::kPart;                 // [64][kAttnMaxSplits], rows this block combines
-  float* lse_rows = weights + CS::kWeights;          // [64]
-  const int lane = tid & 31, g = lane >> 2, q4 = lane & 3;
-  __syncthreads();  // every thread is done with Q / K / V and the halves' exchange
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float l = l_run[r];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const int row = wrow + g + 8 * r;
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-#pragma unroll
-    for (int t = 0; t < kDt; ++t)
-      if (H == 1 || (t < kLo) == (half == 0))
-        *reinterpret_cast<float2*>(part + row * CS::kLd + t * 8 + 2 * q4) =
-            make_float2(acc_o[t][2 * r] * inv, acc_o[t][2 * r + 1] * inv);
-    if (q4 == 0 && half == 0) lse_rows[row] = l > 0.0f ? (m_run[r] + log2f(l)) * kLn2 : -INFINITY;
-  }
-  // every block's partial is in its shared memory (release / acquire at cluster scope)
-  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
-  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-
-  const int r_lo = rank * kAttnBlockM / splits, r_hi = (rank + 1) * kAttnBlockM / splits;
-  const int t_all = half * kAttnHalfThreads + tid;
-  // Weights: one thread per row this block combines, all of that row's remote lse loads first.
-  if (t_all < r_hi - r_lo) {
-    const int row = r_lo + t_all;
-    float e[kAttnMaxSplits];
-#pragma unroll
-    for (int s = 0; s < kAttnMaxSplits; ++s) e[s] = *cluster.map_shared_rank(lse_rows + row, min(s, splits - 1));
-    float lmax = -INFINITY;
-#pragma unroll
-    for (int s = 0; s < kAttnMaxSplits; ++s) lmax = fmaxf(lmax, e[s]);  // repeats of the last split: same max
-    float sum = 0.0f;
-#pragma unroll
-    for (int s = 0; s < kAttnMaxSplits; ++s) {
-      e[s] = (s < splits && lmax != -INFINITY) ? expf(e[s] - lmax) : 0.0f;
-      sum += e[s];
-    }
-    const float inv_sum = sum > 0.0f ? 1.0f / sum : 0.0f;
-#pragma unroll
-    for (int s = 0; s < kAttnMaxSplits; ++s) weights[row * kAttnMaxSplits + s] = e[s] * inv_sum;
-    const int pr = row0 + row;
-    if (p.lse && pr < rows_total) {
-      const int qi = pr / group, h = kvh * group + pr % group;
-      p.lse[(int64_t(b) * p.heads_q + h) * p.seqlen_q + qi] = sum > 0.0f ? lmax + logf(sum) : -INFINITY;
-    }
-  }
-  __syncthreads();
-
-  constexpr int kVec = D / 4;
-  const float inv8 = p.o_scale ? 1.0f / __ldg(p.o_scale) : 1.0f;
-  for (int i = t_all; i < (r_hi - r_lo) * kVec; i += kThreads) {
-    const int row = r_lo + i / kVec, d0 = (i % kVec) * 4;
-    const int pr = row0 + row;
-    float4 x[kAttnMaxSplits];
-#pragma unroll
-    for (int s = 0; s < kAttnMaxSplits; ++s)
-      x[s] = *reinterpret_cast<const float4*>(cluster.map_shared_rank(part + row * CS::kLd + d0, min(s, splits - 1)));
-    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll
-    for (int s = 0; s < kAttnMaxSplits; ++s) {
-      const float w = weights[row * kAttnMaxSplits + s];  // 0 past the cluster's splits
-      acc.x += w * x[s].x;
-      acc.y += w * x[s].y;
-      acc.z += w * x[s].z;
-      acc.w += w * x[s].w;
-    }
-    if (pr >= rows_total) continue;
-    const int qi = pr / group, h = kvh * group + pr % group;
-    const int64_t o_idx = b * p.o_sb + qi * p.o_sr + h * p.o_sh + d0;
-    if (p.o_scale) {
-      *reinterpret_cast<uint32_t*>(static_cast<uint8_t*>(p.o) + o_idx) =
-          uint32_t(fp8x2(acc.x, acc.y, inv8)) | (uint32_t(fp8x2(acc.z, acc.w, inv8)) << 16);
-    } else {
-      T* dst = static_cast<T*>(p.o) + o_idx;
-      *reinterpret_cast<uint32_t*>(dst) = pack2<T>(acc.x, acc.y);
-      *reinterpret_cast<uint32_t*>(dst + 2) = pack2<T>(acc.z, acc.w);
-    }
-  }
-  // Peers may still be reading this block's partial. Relaxed: this barrier orders no memory of its
-  // own (the remote loads above have returned), and cluster.sync()'s release would first wait for
-  // the O stores to reach the GPU (a MEMBAR.ALL.GPU in the SASS).
-  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
-  asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
-#else
-  __trap();  // clusters need sm_90; the launcher never picks this kernel below it
-#endif
-}
-
 // H = 1 or 2 halves (2 where the grid alone leaves SMs short of warps).
-template <typename T, int D, int H, bool CL = false>
+template <typename T, int D, int H>
 __global__ void __launch_bounds__(H * kAttnHalfThreads) attn_fwd_kernel(AttnParams p) {
   constexpr int kAttnThreads = H * kAttnHalfThreads;
   pdl_wait();
@@ -510,11 +386,6 @@ __global__ void __launch_bounds__(H * kAttnHalfThreads) attn_fwd_kernel(AttnPara
     }
   }
 
-  if constexpr (CL) {  // split-KV combined in the cluster (the launcher's choice)
-    cluster_finish<T, D, H>(p, smem_raw, half, tid, acc_o, m_run, l_run, wrow, row0, rows_total, group, b, kvh);
-    return;
-  }
-
   // Finish: quad-sum l, normalise, store this half's tiles (O directly, or the split's fp32
   // partial); half 0 stores the log-sum-exp.
   const bool store_lse = q4 == 0 && half == 0;
@@ -655,61 +526,6 @@ inline int attention_num_splits(int batch, int seqlen_q, int seqlen_k, int heads
   return 1;
 }
 
-// FLASHRT_ATTN_CLUSTER=0 turns the cluster combine off (measurements; the two-kernel path is the
-// fallback anyway). Read at every launch, so one process can compare both: a captured graph keeps
-// what was chosen when it was captured.
-inline bool attention_cluster_allowed_by_env() {
-  const char* v = getenv("FLASHRT_ATTN_CLUSTER");
-  return !(v && v[0] == '0');
-}
-
-// The split-KV call as one cluster per row tile (grid.z = splits = cluster size): sm_90+ and a
-// device that can co-schedule such a cluster (up to 16 blocks, the non-portable size, asked for
-// once). cudaErrorNotSupported: use the two kernels instead.
-template <typename T, int D, int H>
-inline cudaError_t attention_launch_cluster(const AttnParams& p, dim3 grid, size_t smem, cudaStream_t stream) {
-  smem = std::max(smem, attn::ClusterSmem<D>::kBytes);  // the partials reuse the Q / K / V space
-  if (!attention_cluster_allowed_by_env() || p.num_splits > kAttnMaxSplits) return cudaErrorNotSupported;
-  int dev = 0, cc = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  if (dev < 0 || dev >= 64) return cudaErrorNotSupported;
-  if ((err = current_device_cc(&cc)) != cudaSuccess) return err;
-  if (cc < 90) return cudaErrorNotSupported;
-  auto kernel = attn::attn_fwd_kernel<T, D, H, true>;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(H * kAttnHalfThreads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[2];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = 1;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = grid.z;
-  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[1].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl_allowed_by_env() ? 2 : 1;
-  // Per device and cluster size: 0 unknown, 1 launchable, -1 not (asked once, outside any capture:
-  // the first call of a shape runs eagerly before the pipeline captures it).
-  static signed char ok[64][kAttnMaxSplits + 1] = {};
-  signed char& known = ok[dev][grid.z];
-  if (known == 0) {
-    known = -1;
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)) == cudaSuccess &&
-        (grid.z <= 8 || cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess)) {
-      int clusters = 0;
-      cfg.numAttrs = 1;  // the occupancy query takes the cluster shape only
-      if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess && clusters > 0) known = 1;
-      cfg.numAttrs = pdl_allowed_by_env() ? 2 : 1;
-    }
-    cudaGetLastError();  // a refused attribute or query is not this launch's error
-  }
-  if (known < 0) return cudaErrorNotSupported;
-  return cudaLaunchKernelEx(&cfg, kernel, p);
-}
-
 template <typename T, int D, int H>
 inline cudaError_t attention_launch_dh(AttnParams p, cudaStream_t stream) {
   using S = attn::Shape<D>;
@@ -743,12 +559,6 @@ inline cudaError_t attention_launch_dh(AttnParams p, cudaStream_t stream) {
   const int64_t rows_total = int64_t(p.seqlen_q) * (p.heads_q / p.heads_kv);
   const dim3 grid(unsigned(ceil_div(rows_total, kAttnBlockM)), unsigned(p.batch * p.heads_kv),
                   unsigned(p.num_splits));
-  if constexpr (D == 256) {  // the Gemma expert's decode step: combine in a cluster where it can
-    if (p.num_splits > 1) {
-      const cudaError_t cl = attention_launch_cluster<T, D, H>(p, grid, smem, stream);
-      if (cl != cudaErrorNotSupported) return cl;
-    }
-  }
   cudaError_t err = launch_kernel(kernel, grid, dim3(H * kAttnHalfThreads), smem, stream, p);
   if (err != cudaSuccess || p.num_splits == 1) return err;
   const int64_t warps = rows_all * (D > 128 ? 2 : 1);  // one per row and 128-column chunk

@@ -3,7 +3,8 @@
 // not depend on any earlier kernel, so a pipeline can ask for a layer's weights while the previous
 // layer runs (from a side stream of the same CUDA graph); when its GEMMs start, their loads hit L2.
 // Fire and forget: the copy engine of each SM fetches the lines after the kernel has exited, and
-// nothing here is written anywhere.
+// nothing here is written anywhere. Two ways in: a standalone kernel (for a side stream), or in the
+// prologue of a kernel that runs anyway (NormParams::prefetch: no extra kernel in the chain).
 #pragma once
 
 #include <algorithm>
@@ -22,13 +23,14 @@ struct PrefetchRanges {
   int count;
 };
 
-__global__ void prefetch_l2_kernel(PrefetchRanges r) {
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  int64_t chunk = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+// Thread `thread` of `num_threads` asks for every num_threads-th chunk of the ranges. Used by the
+// standalone kernel below and by kernels that prefetch in their prologue (the norms).
+__device__ __forceinline__ void prefetch_l2_ranges(const PrefetchRanges& r, int64_t thread, int64_t num_threads) {
+  int64_t chunk = thread;
   int64_t first = 0;  // chunk index where range j starts
   for (int j = 0; j < r.count; ++j) {
     const int64_t n = (r.bytes[j] + kPrefetchChunk - 1) / kPrefetchChunk;
-    for (; chunk < first + n; chunk += stride) {
+    for (; chunk < first + n; chunk += num_threads) {
       const int64_t off = (chunk - first) * kPrefetchChunk;
       const char* a = r.ptr[j] + off;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -42,6 +44,11 @@ __global__ void prefetch_l2_kernel(PrefetchRanges r) {
     }
     first += n;
   }
+}
+
+// static: this header is included by several translation units (the norms use the device function)
+static __global__ void prefetch_l2_kernel(PrefetchRanges r) {
+  prefetch_l2_ranges(r, blockIdx.x * int64_t(blockDim.x) + threadIdx.x, int64_t(gridDim.x) * blockDim.x);
   // Last, not first: under PDL a kernel launched after this one in its stream must still find
   // everything before it complete.
   pdl_wait();

@@ -71,8 +71,8 @@ class Pi0HopperPipeline(PaliGemmaHopperPipeline):
         self.state_x.copy_(self.ops.linear(self.state[None, :], self.state_proj))
         self.expert_layers(self.state_x, self.prefix_len(bucket), 0, stop_after_kv=True)
 
-    def expert_norm(self, x, step, layer, which, *, lin, y, gate):
-        return self.ops.rms_norm(x, lin=lin, y=y, gate=gate)
+    def expert_norm(self, x, step, layer, which, *, lin, y, gate, prefetch=None):
+        return self.ops.rms_norm(x, lin=lin, y=y, gate=gate, prefetch=prefetch)
 
     def denoise_delta(self, bucket, step, *, out=None, accumulate=False):
         ops, x = self.ops, self.suffix_x

@@ -209,9 +209,10 @@ class TorchOps:
             else:
                 x.addcmul_(y, gate.f32)
 
-    def rms_norm(self, x, *, lin, y=None, gate=None, mod: Modulation | None = None):
+    def rms_norm(self, x, *, lin, y=None, gate=None, mod: Modulation | None = None, prefetch=None):
         """x += y (* gate) in place; rms(x) [* (1 + s) + t] in the format ``lin`` reads. The Gemma
-        (1 + w) weight is folded into lin's weights; adaRMS has none."""
+        (1 + w) weight is folded into lin's weights; adaRMS has none. ``prefetch`` (tensors a later
+        GEMM reads: an L2 hint) is for ops with ``prefetches_l2``; ignored here."""
         self._residual(x, y, gate)
         normed = _rms(x.float())
         if mod is not None:

@@ -186,8 +186,7 @@ class PaliGemmaHopperPipeline:
         self._ids_ready = None
         self._sdpa_backends = None
         self._prefetch_stream = None
-        # FLASHRT_L2_PREFETCH=0: no weight prefetch into L2 (measurements; see _prefetch_expert)
-        self.l2_prefetch = self.is_cuda and os.environ.get("FLASHRT_L2_PREFETCH", "1") != "0"
+        self.l2_prefetch = _l2_prefetch_mode() if self.is_cuda else "off"
 
     # ------------------------------------------------------------------ weight preparation
     def _lin(self, name, weight, bias=None, *, fp8=True, dtype=None, row_order=None) -> Linear:
@@ -476,39 +475,50 @@ class PaliGemmaHopperPipeline:
         last = len(self.expert) - 1
         y = gate = None
         for i, layer in enumerate(self.expert):
-            self._prefetch_expert((i + 1) % len(self.expert))  # the next layer's (next step's) weights
-            h = self.expert_norm(x, step, i, 0, lin=layer.qkv, y=y, gate=gate)
+            after = self.expert[(i + 1) % len(self.expert)]  # the next layer (the last: the next step's first)
+            self._prefetch_on_side_stream(after)
+            h = self.expert_norm(x, step, i, 0, lin=layer.qkv, y=y, gate=gate,
+                                 prefetch=self._norm_prefetch(layer.o, layer.gate_up, layer.down))
             q = ops.linear_rope_qkv(h, layer.qkv, **self._rope_args(i, start, x.shape[0], d.num_heads))
             if stop_after_kv and i == last:
-                self._join_prefetch()
+                self._join_side_stream()
                 return None, None
             y = ops.linear(self._attend(q, i, end, out_for=layer.o), layer.o)
-            h = self.expert_norm(x, step, i, 1, lin=layer.gate_up, y=y, gate=self.expert_gate(step, i, 0))
+            h = self.expert_norm(x, step, i, 1, lin=layer.gate_up, y=y, gate=self.expert_gate(step, i, 0),
+                                 prefetch=self._norm_prefetch(after.qkv))
             y = ops.linear(ops.linear_geglu(h, layer.gate_up, out_for=layer.down), layer.down)
             gate = self.expert_gate(step, i, 1)
-        self._join_prefetch()
+        self._join_side_stream()
         return y, gate
 
-    def _prefetch_expert(self, layer: int):
-        """Fork a side stream that asks for expert layer ``layer``'s weights to be brought into L2
-        while this stream runs the layer before it. The expert's GEMMs run on 50 rows: each is a
-        latency chain whose weight loads otherwise pay DRAM latency on the critical path. Two layers'
-        FP8 weights (~34 MB) fit the H100's 50 MB L2 beside the KV cache."""
-        if not (self.l2_prefetch and self.ops.prefetches_l2):
+    # L2 prefetch of the expert's weights. Its GEMMs run on 50 rows: each is a latency chain whose
+    # weight loads otherwise pay DRAM latency on the critical path. Weights depend on nothing the
+    # call computes, so they can be asked into L2 a few kernels ahead ("norm", the default: each
+    # norm's prologue asks for the GEMM weights after it - its layer's o / gate_up / down, or the
+    # next layer's qkv - at no extra kernel), or from a side stream of the graph a layer ahead
+    # ("stream"). FLASHRT_L2_PREFETCH=off|norm|stream chooses (measurements: docs/benchmarks.md).
+    def _norm_prefetch(self, *lins):
+        if self.l2_prefetch != "norm" or not self.ops.prefetches_l2:
+            return None
+        return [lin.weight for lin in lins]
+
+    def _prefetch_on_side_stream(self, layer):
+        if self.l2_prefetch != "stream" or not self.ops.prefetches_l2:
             return
         if self._prefetch_stream is None:
             self._prefetch_stream = torch.cuda.Stream(self.device)
-        lay = self.expert[layer]
         self._prefetch_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self._prefetch_stream):
-            self.ops.prefetch_l2([lin.weight for lin in (lay.qkv, lay.o, lay.gate_up, lay.down)])
+            self.ops.prefetch_l2([lin.weight for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)])
 
-    def _join_prefetch(self):
+    def _join_side_stream(self):
         """The side stream rejoins (a graph capture must end joined); its kernels ended long ago."""
-        if self._prefetch_stream is not None and self.l2_prefetch and self.ops.prefetches_l2:
+        if self._prefetch_stream is not None and self.l2_prefetch == "stream" and self.ops.prefetches_l2:
             torch.cuda.current_stream().wait_stream(self._prefetch_stream)
 
-    def expert_norm(self, x, step, layer, which, *, lin, y, gate):
+    def expert_norm(self, x, step, layer, which, *, lin, y, gate, prefetch=None):
+        """x += y (* gate), then block ``which``'s norm of ``layer`` at ``step``, in ``lin``'s input
+        format; ``prefetch``: weights the norm kernel asks into L2 (ops.rms_norm)."""
         raise NotImplementedError
 
     def expert_gate(self, step, layer, which):
@@ -526,7 +536,6 @@ class PaliGemmaHopperPipeline:
     @torch.no_grad()
     def run_denoise(self, bucket: Bucket):
         self.x_t.copy_(self.noise)
-        self._prefetch_expert(0)  # the first step's first layer, behind the prefix's last kernels
         for step in range(self.num_steps):  # the Euler step x_t += dt * v, fused into the last GEMM
             self.denoise_delta(bucket, step, out=self.x_t, accumulate=True)
         self.actions.copy_(self.x_t)
@@ -891,6 +900,17 @@ class _StateDict:
                 f"state_dict has {len(left)} parameters the Hopper pipeline does not use, e.g. {left[:3]}; "
                 "is this the right model type?"
             )
+
+
+L2_PREFETCH_MODES = ("off", "norm", "stream")
+
+
+def _l2_prefetch_mode() -> str:
+    mode = os.environ.get("FLASHRT_L2_PREFETCH", "norm").strip().lower()
+    mode = {"0": "off", "1": "norm", "": "norm"}.get(mode, mode)
+    if mode not in L2_PREFETCH_MODES:
+        raise ConfigError(f"FLASHRT_L2_PREFETCH={mode!r}: expected one of {L2_PREFETCH_MODES} (unset: norm)")
+    return mode
 
 
 def _device_tensor(ptr: int, shape, dtype, device) -> torch.Tensor:
