@@ -41,9 +41,8 @@ def n_sets(bytes_per_set: int, cap: int = 64) -> int:
     return max(1, min(cap, -(-ROTATE_BYTES // max(1, bytes_per_set))))
 
 
-def time_graph(calls, per_graph: int = 20, replays: int = 30, warmup: int = 3, finish=None) -> float:
-    """Median microseconds per call. calls: list of zero-arg launchers (rotated through); finish:
-    run once at the end of the capture (a side stream's join)."""
+def time_graph(calls, per_graph: int = 20, replays: int = 30, warmup: int = 3) -> float:
+    """Median microseconds per call. calls: list of zero-arg launchers (rotated through)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -54,8 +53,6 @@ def time_graph(calls, per_graph: int = 20, replays: int = 30, warmup: int = 3, f
     with torch.cuda.graph(graph, stream=s):
         for i in range(per_graph):
             calls[i % len(calls)]()
-        if finish is not None:
-            finish()
     for _ in range(warmup):
         graph.replay()
     torch.cuda.synchronize()
@@ -250,25 +247,9 @@ def case_skinny(m, k_dim, n, workspace=None, pdl=True, split=0, baselines=True):
     return time_graph(ours), maybe_time(base), wbytes, 2 * m * n * k_dim, f"torch.matmul (cuBLASLt tuned {lt_note})"
 
 
-def with_prefetch(calls, weights, nbytes):
-    """Each call preceded by a side-stream L2 prefetch of the NEXT call's weights (the pipeline's
-    expert prefetch, one GEMM of lead instead of a layer). Returns (calls, finish)."""
-    side = torch.cuda.Stream()
-
-    def wrap(i, call):
-        def run():
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                fk.prefetch_l2([(weights[(i + 1) % len(weights)].data_ptr(), nbytes)], stream=stream())
-            call()
-        return run
-
-    return [wrap(i, c) for i, c in enumerate(calls)], lambda: torch.cuda.current_stream().wait_stream(side)
-
-
 def case_skinny_fp8(m, k_dim, n, workspace=None, l2="cold"):
-    """l2: "cold" rotates weights past L2 (DRAM every call), "hot" reuses one set (L2 hits),
-    "prefetched" rotates with a side-stream prefetch of the next call's weights."""
+    """l2: "cold" rotates weights past L2 (DRAM every call), "hot" reuses one set (L2 hits: what an
+    L2 prefetch of the weights could give at best)."""
     wbytes = n * k_dim
     k = 1 if l2 == "hot" else n_sets(wbytes)
     x8 = rnd(m, k_dim).to(torch.float8_e4m3fn)
@@ -280,11 +261,6 @@ def case_skinny_fp8(m, k_dim, n, workspace=None, l2="cold"):
     lt = [lambda i=i: fk.gemm(x8.data_ptr(), ws[i].data_ptr(), out.data_ptr(), m, n, k_dim, dtype="fp8",
                               x_scale=s.data_ptr(), w_scale=s.data_ptr(), workspace=workspace.data_ptr(),
                               workspace_size=workspace.numel(), autotune=5, stream=stream()) for i in range(k)]
-    if l2 == "prefetched":
-        ours, fin = with_prefetch(ours, ws, wbytes)
-        lt, fin_lt = with_prefetch(lt, ws, wbytes)
-        return (time_graph(ours, finish=fin), maybe_time(lt, finish=fin_lt), wbytes, 2 * m * n * k_dim,
-                "cuBLASLt fp8 (tuned), prefetched too")
     return time_graph(ours), maybe_time(lt), wbytes, 2 * m * n * k_dim, f"cuBLASLt fp8 (tuned), L2 {l2}"
 
 
@@ -368,16 +344,10 @@ def main() -> int:
         ("skinny_gemm_fp8", "50x1024->4096", lambda: case_skinny_fp8(50, 1024, 4096, workspace)),
         ("skinny_gemm_fp8", "50x4096->1024", lambda: case_skinny_fp8(50, 4096, 1024, workspace)),
         ("skinny_gemm_fp8", "50x1024->2048", lambda: case_skinny_fp8(50, 1024, 2048, workspace)),
-        # the same with the weights already in L2 (upper bound of a prefetch) and prefetched one call ahead
+        # the same with the weights already in L2 (what an L2 prefetch could give at best)
         ("skinny_fp8 L2-hot", "50x1024->4096", lambda: case_skinny_fp8(50, 1024, 4096, workspace, l2="hot")),
         ("skinny_fp8 L2-hot", "50x4096->1024", lambda: case_skinny_fp8(50, 4096, 1024, workspace, l2="hot")),
         ("skinny_fp8 L2-hot", "50x1024->2048", lambda: case_skinny_fp8(50, 1024, 2048, workspace, l2="hot")),
-        ("skinny_fp8 prefetch", "50x1024->4096",
-         lambda: case_skinny_fp8(50, 1024, 4096, workspace, l2="prefetched")),
-        ("skinny_fp8 prefetch", "50x4096->1024",
-         lambda: case_skinny_fp8(50, 4096, 1024, workspace, l2="prefetched")),
-        ("skinny_fp8 prefetch", "50x1024->2048",
-         lambda: case_skinny_fp8(50, 1024, 2048, workspace, l2="prefetched")),
         ("gemm_bf16", "968x2048->2560", lambda: case_gemm(968, 2048, 2560, workspace=workspace)),
         ("gemm_bf16", "968x2048->32768", lambda: case_gemm(968, 2048, 32768, workspace=workspace)),
         ("gemm_bf16", "968x16384->2048", lambda: case_gemm(968, 16384, 2048, workspace=workspace)),

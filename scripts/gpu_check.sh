@@ -10,7 +10,8 @@
 #   bash scripts/gpu_check.sh models    build, the true-size Pi0.5 / Pi0 GPU tests, `flashrt bench`
 #                                       for Pi0.5 and Pi0 (~8 min; its own device call)
 #   bash scripts/gpu_check.sh profile   build, per-kernel profile of the denoise graph and the stage
-#                                       replays (scripts/profile_pipeline.py) (~3 min)
+#                                       replays (scripts/profile_pipeline.py), and where predict()'s
+#                                       host time goes (scripts/profile_host.py, cProfile) (~4 min)
 #   bash scripts/gpu_check.sh compile   build, `flashrt bench` for Pi0.5 at 2 views against the reference
 #                                       under torch.compile(max-autotune) (~9 min: its own device call).
 #                                       Its GEMM autotuning results come back as $OUT/inductor_autotune.tgz;
@@ -19,10 +20,6 @@
 #   bash scripts/gpu_check.sh all       both, with the model benchmark at BENCH_VIEWS (default 2) only
 #                                       (~5 min: one call that checks everything)
 #   bash scripts/gpu_check.sh build     deps + build + import only (for ad-hoc runs after it)
-#   bash scripts/gpu_check.sh ab        build, the attention / elementwise kernel tests, the true-size
-#                                       model tests at 2 views, A/B timings of the expert's L2 prefetch
-#                                       modes (profile_pipeline.py --variants, GEMM rows with L2 cold /
-#                                       hot / prefetched) and a host profile of predict() (~6 min)
 #
 #   <mode> --with-compile   on a machine with two GPUs: after the one shared build, the `compile` mode
 #                           runs on GPU 1 while <mode> runs on GPU 0 (its results, inductor_autotune.tgz
@@ -189,47 +186,6 @@ if [ "$MODE" = models ]; then
   exit $?
 fi
 
-# 3a. A/B of the fast path's switches: are they correct, and what does each one buy?
-if [ "$MODE" = ab ]; then
-  t0=$(stamp)
-  ab_tests=""
-  for f in elementwise; do
-    T_FILE=$(limit 100 300)
-    timeout "$T_FILE" $PY -m pytest -m gpu "packages/flashrt-kernels/tests/test_kernels_gpu_$f.py" -q -rfEs \
-      -p no:cacheprovider > "$OUT/pytest_$f.log" 2>&1
-    ab_tests="$ab_tests $f: rc=$? $(grep -E "(passed|failed|error|no tests ran)" "$OUT/pytest_$f.log" | tail -1);"
-  done
-  T_MT=$(limit 150 240)
-  FLASHRT_GPU_REPORT=$OUT/hopper_gpu.jsonl timeout "$T_MT" $PY -m pytest -m gpu -s -q -rfEs -p no:cacheprovider \
-    packages/flashrt-pi05/tests/test_hopper_gpu.py -k "prefetch or (matches_fp32 and 2-)" > "$OUT/pytest_hopper_gpu.log" 2>&1
-  ab_tests="$ab_tests models: rc=$? $(grep -E "(passed|failed|error|no tests ran)" "$OUT/pytest_hopper_gpu.log" | tail -1)"
-  t1=$(stamp)
-  T_K=$(limit 60 200)
-  timeout "$T_K" $PY scripts/bench_kernels.py --only "skinny_gemm_fp8,skinny_fp8,attn decode split" \
-    --out "$OUT/bench_kernels_ab.json" > "$OUT/bench_ab.log" 2>&1
-  T_P=$(limit 200 60)
-  timeout "$T_P" $PY scripts/profile_pipeline.py --config pi05 --views 2 --precision "${AB_PRECISION:-fp8}" \
-    --variants norm,stream,off --out "$OUT/profile_ab.json" > "$OUT/profile_ab.log" 2>&1
-  p_rc=$?
-  T_H=$(limit 90 5)
-  timeout "$T_H" $PY scripts/profile_host.py --config pi05 --views 2 --calls 300 > "$OUT/profile_host.log" 2>&1
-  h_rc=$?
-  echo
-  echo "==================== gpu_check ab summary ($(date -u +%FT%TZ)) ===================="
-  say "device:  $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
-  say "build:   $build_msg; ptxas: $(grep -cE '[1-9][0-9]* bytes spill stores' "$OUT/ptxas.txt") kernels with spills"
-  say "tests ($((t1 - t0)) s):$ab_tests"
-  grep -hE "^(FAILED|ERROR)" "$OUT"/pytest_*.log | head -20 | cut -c1-240 | tee -a "$SUMMARY"
-  say "kernel bench:"
-  sed -n '/^op /,$p' "$OUT/bench_ab.log" | tee -a "$SUMMARY"
-  say "pipeline A/B (profile_pipeline.py, rc=$p_rc):"
-  grep -E "^(== |graph replay|denoise replay|attn|skinny|norm|nvjet|geglu)" "$OUT/profile_ab.log" | cut -c1-150 | tee -a "$SUMMARY"
-  sed -n '/^model  prec/,$p' "$OUT/profile_ab.log" | tee -a "$SUMMARY"
-  say "host profile (profile_host.py, rc=$h_rc):"
-  grep -v Warning "$OUT/profile_host.log" | tail -28 | cut -c1-160 | tee -a "$SUMMARY"
-  exit $p_rc
-fi
-
 # 3c. the torch.compile(max-autotune) baseline, alone in a call: its autotuning takes minutes.
 #     Its tuning results come back (inductor_autotune.tgz); a later call that carries them skips
 #     the GEMM shapes already tuned.
@@ -258,12 +214,17 @@ if [ "$MODE" = profile ]; then
   timeout "$T_P" $PY scripts/profile_pipeline.py --config "${PROFILE_CONFIG:-pi05}" --views "${BENCH_VIEWS:-2}" \
     --precision fp8,bf16 --out "$OUT/profile.json" > "$OUT/profile.log" 2>&1
   p_rc=$?
+  T_H=$(limit 90 5)
+  timeout "$T_H" $PY scripts/profile_host.py --config "${PROFILE_CONFIG:-pi05}" --views 2 --calls 300 \
+    > "$OUT/profile_host.log" 2>&1
   echo
   echo "==================== gpu_check profile summary ($(date -u +%FT%TZ)) ===================="
   say "device:  $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
   say "build:   $build_msg"
   say "profile: rc=$p_rc"
   cat "$OUT/profile.log" | grep -v Warning | tail -60 | tee -a "$SUMMARY"
+  say "host profile of predict() (scripts/profile_host.py):"
+  grep -v Warning "$OUT/profile_host.log" | tail -20 | cut -c1-160 | tee -a "$SUMMARY"
   exit $p_rc
 fi
 

@@ -9,11 +9,6 @@ For Pi0.5 / Pi0 at true size (random weights drawn on the GPU), per precision:
 
     python scripts/profile_pipeline.py --config pi05 --views 2 --precision fp8,bf16 --out $OUT/profile.json
 
-``--variants`` repeats each case per mode of the expert's L2 weight prefetch (FLASHRT_L2_PREFETCH:
-``norm``, the default, ``stream``, ``off``), A/B in one process, the actions compared with the
-first variant's; ``--rounds`` alternates the variants' full-call replays that many times (medians
-per variant), so drift between them does not pass for a difference.
-
 Prints one table per case; the JSON holds every kernel row.
 """
 
@@ -22,7 +17,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import re
 import statistics
 from pathlib import Path
@@ -87,11 +81,7 @@ def _profile_graph(graph):
             "by_name": dict(sorted(rows.items(), key=lambda kv: -kv[1]["us"]))}
 
 
-VARIANTS = ("norm", "stream", "off")  # FLASHRT_L2_PREFETCH modes (read at pipeline construction)
-
-
-def run_case(config, sd, views, precision, prompt_len, seed=0, variant="norm", keep=False):
-    os.environ["FLASHRT_L2_PREFETCH"] = variant
+def run_case(config, sd, views, precision, prompt_len, seed=0):
     cls = ht.pipeline_class(config.model_type)
     pipe = cls(sd, config, num_views=views, use_fp8=precision == "fp8")
     pipe.autotune_attention(3)  # as load_model's default autotune=3
@@ -107,15 +97,12 @@ def run_case(config, sd, views, precision, prompt_len, seed=0, variant="norm", k
         pipe.calibrate_current()
     pipe.infer()
     out = {"model": config.model_type, "views": views, "precision": precision, "ops": pipe.ops.name,
-           "variant": variant, "prefix_tokens": pipe.prefix_len(bucket), "steps": pipe.num_steps, "stages_ms": {},
-           "actions": pipe.actions.float().cpu().numpy()}
+           "prefix_tokens": pipe.prefix_len(bucket), "steps": pipe.num_steps, "stages_ms": {}}
     for kind in ("full", "vision", "prefix", "denoise"):
         out["stages_ms"][kind] = _median_replay_ms(pipe._graph(bucket, kind))
     out["denoise_profile"] = _profile_graph(pipe._graph(bucket, "denoise"))
     gemm_choices = getattr(pipe.ops, "gemm_choices", {})
     out["gemm_choices"] = {"x".join(map(str, k)): v for k, v in gemm_choices.items()}
-    if keep:  # the caller alternates replays of several variants' full-call graphs
-        return out, pipe._graph(bucket, "full"), pipe
     del pipe
     torch.cuda.empty_cache()
     return out
@@ -123,8 +110,8 @@ def run_case(config, sd, views, precision, prompt_len, seed=0, variant="norm", k
 
 def print_case(c):
     s = c["stages_ms"]
-    print(f"\n== {c['model']} {c['precision']} {c['views']} views, ops={c['ops']}, variant {c['variant']}, "
-          f"prefix {c['prefix_tokens']} tokens, {c['steps']} steps ==")
+    print(f"\n== {c['model']} {c['precision']} {c['views']} views, ops={c['ops']}, prefix {c['prefix_tokens']} tokens, "
+          f"{c['steps']} steps ==")
     print(f"graph replay ms: full {s['full']:.2f}  vision {s['vision']:.2f}  prefix {s['prefix']:.2f}  "
           f"denoise {s['denoise']:.2f}")
     p = c["denoise_profile"]
@@ -152,47 +139,16 @@ def main(argv=None):
     ap.add_argument("--views", default="2")
     ap.add_argument("--precision", default="fp8,bf16")
     ap.add_argument("--prompt-len", type=int, default=65)
-    ap.add_argument("--variants", default="norm", help=f"comma-separated, of {VARIANTS}")
-    ap.add_argument("--rounds", type=int, default=5, help="alternating replay rounds of the variants' full calls")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     config = PiConfig(model_type=args.config, max_token_len=200 if args.config == "pi05" else 48)
     sd = random_state_dict(config, device="cuda")
     cases = []
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        ap.error(f"--variants: unknown {unknown}; choose from {sorted(VARIANTS)}")
     for precision in args.precision.split(","):
         for views in (int(v) for v in args.views.split(",")):
-            first, kept = None, []
-            for variant in variants:
-                case, graph, pipe = run_case(config, sd, views, precision, min(args.prompt_len, config.max_token_len),
-                                             variant=variant, keep=True)
-                actions = case.pop("actions")
-                if first is None:
-                    first = actions
-                case["actions_vs_first_variant"] = {"cos": ht.np_cos(actions, first),
-                                                    "max_abs": float(np.abs(actions - first).max())}
-                print_case(case)
-                cases.append(case)
-                kept.append((case, graph, pipe))
-            # the variants' full calls, alternated: every variant sees the same drift
-            rounds = {id(c): [] for c, _, _ in kept}
-            for _ in range(args.rounds):
-                for c, graph, _ in kept:
-                    rounds[id(c)].append(_median_replay_ms(graph, iters=40))
-            for c, _, _ in kept:
-                c["full_ms_alternating"] = statistics.median(rounds[id(c)])
-            del kept, graph, pipe
-            torch.cuda.empty_cache()
-    if len(variants) > 1:
-        print(f"\n{'model':6s} {'prec':5s} {'views':>5s} {'variant':8s} {'full ms':>8s} {'alt. ms':>8s} {'denoise':>8s} "
-              f"{'vs first: cos':>14s} {'max abs':>9s}")
-        for c in cases:
-            a = c["actions_vs_first_variant"]
-            print(f"{c['model']:6s} {c['precision']:5s} {c['views']:5d} {c['variant']:8s} {c['stages_ms']['full']:8.3f} "
-                  f"{c['full_ms_alternating']:8.3f} {c['stages_ms']['denoise']:8.3f} {a['cos']:14.8f} {a['max_abs']:9.2e}")
+            case = run_case(config, sd, views, precision, min(args.prompt_len, config.max_token_len))
+            print_case(case)
+            cases.append(case)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "cases": cases}, f, indent=1)

@@ -55,5 +55,4 @@ PYBIND11_MODULE(_C, m) {
     return py::make_tuple(rc, splits);
   });
   m.def("attention_max_splits", &attention_max_splits);
-  m.def("prefetch_l2", &prefetch_l2, nogil);
 }

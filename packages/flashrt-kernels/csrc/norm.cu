@@ -5,9 +5,7 @@ namespace flashrt::api {
 
 int norm(Addr x, Addr residual, Addr gate, Addr weight, float weight_offset, Addr bias, Addr mod_scale,
          Addr mod_shift, Addr out, Addr out_scale, int64_t rows, int hidden, float eps, bool layernorm, bool static_params,
-         const std::vector<Addr>& prefetch_ptrs, const std::vector<int64_t>& prefetch_bytes, Addr stream) {
-  if (prefetch_ptrs.size() != prefetch_bytes.size() || prefetch_ptrs.size() > size_t(kPrefetchMaxRanges))
-    return int(cudaErrorInvalidValue);
+         Addr stream) {
   NormParams p;
   p.x = reinterpret_cast<const __nv_bfloat16*>(x);
   p.residual = reinterpret_cast<__nv_bfloat16*>(residual);
@@ -23,10 +21,6 @@ int norm(Addr x, Addr residual, Addr gate, Addr weight, float weight_offset, Add
   p.hidden = hidden;
   p.eps = eps;
   p.static_params = static_params;
-  for (size_t j = 0; j < prefetch_ptrs.size(); ++j, ++p.prefetch.count) {
-    p.prefetch.ptr[j] = reinterpret_cast<const char*>(prefetch_ptrs[j]);
-    p.prefetch.bytes[j] = prefetch_bytes[j];
-  }
   return int(norm_launch(p, layernorm, reinterpret_cast<cudaStream_t>(stream)));
 }
 

@@ -60,14 +60,6 @@ def test_arguments_are_checked_before_any_cuda_call():
         fk.bias_act(0x1000, 0, 0x2000, 1, 8, activation="gelu_erf")
     with pytest.raises(TypeError, match="device address"):
         fk.amax(1.5, 8, 0x1000)
-    with pytest.raises(ValueError, match="16-byte aligned"):
-        fk.prefetch_l2([(0x1000, 64), (0x1008, 64)])
-    with pytest.raises(ValueError, match=r"expected \(address, nbytes\)"):
-        fk.prefetch_l2([0x1000])
-    with pytest.raises(ValueError, match="nbytes: expected >= 0"):
-        fk.prefetch_l2([(0x1000, -16)])
-    with pytest.raises(ValueError, match="at most 8 ranges"):
-        fk.rms_norm(0x1000, 0, 0x2000, 4, 64, prefetch=[(0x1000, 16)] * 9)
 
 
 def test_binding_reports_invalid_values_as_cuda_codes():
@@ -75,7 +67,7 @@ def test_binding_reports_invalid_values_as_cuda_codes():
     # without launching anything; the Python layer turns such codes into CudaError.
     from flashrt_kernels import _C
 
-    assert _C.norm(0x1000, 0, 0, 0, 0.0, 0, 0, 0, 0x2000, 0, 4, 12, 1e-6, False, True, [], [], 0) == 1
+    assert _C.norm(0x1000, 0, 0, 0, 0.0, 0, 0, 0, 0x2000, 0, 4, 12, 1e-6, False, True, 0) == 1
     assert "invalid argument" in fk.error_string(1)
 
 

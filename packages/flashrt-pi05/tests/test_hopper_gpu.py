@@ -101,30 +101,6 @@ def test_true_size_torch_ops_too(true_size, precision):
     _true_size_case(true_size, 2, precision, "torch")
 
 
-def test_l2_prefetch_changes_nothing_but_time(true_size):
-    """The expert's weight prefetch into L2 (from the norms' prologues, or from a side stream inside
-    the graph) is a hint: the actions must be bit-identical in every mode."""
-    config, ref = true_size
-    n = PROMPT_LEN[config.model_type]
-    pipe = _pipeline(config, ref, 2, "bf16")
-    try:
-        if not pipe.ops.prefetches_l2:
-            pytest.skip(f"ops {pipe.ops.name!r} do not prefetch ({pipe.ops.fallback_reason})")
-        ht.load_pipeline_inputs(pipe, config, ht.random_inputs(config, 2, n, seed=7, device="cuda"))
-        actions = {}
-        for mode in ("off", "norm", "stream"):
-            pipe.l2_prefetch = mode
-            pipe.drop_graphs()
-            actions[mode] = pipe.infer()
-        assert pipe._prefetch_stream is not None, "the side-stream mode did not run"
-        assert np.isfinite(actions["off"]).all()
-        assert np.array_equal(actions["norm"], actions["off"])
-        assert np.array_equal(actions["stream"], actions["off"])
-    finally:
-        del pipe
-        _free()
-
-
 def _true_size_case(true_size, num_views, precision, ops):
     config, ref = true_size
     n = PROMPT_LEN[config.model_type]

@@ -6,7 +6,6 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
-#include <vector>
 
 namespace flashrt::api {
 
@@ -19,7 +18,7 @@ int device_capability(int device, int* major, int* minor);
 
 int norm(Addr x, Addr residual, Addr gate, Addr weight, float weight_offset, Addr bias, Addr mod_scale,
          Addr mod_shift, Addr out, Addr out_scale, int64_t rows, int hidden, float eps, bool layernorm, bool static_params,
-         const std::vector<Addr>& prefetch_ptrs, const std::vector<int64_t>& prefetch_bytes, Addr stream);
+         Addr stream);
 int bias_act(Addr x, Addr bias, Addr out, int64_t rows, int64_t cols, int activation, Addr out_scale,
              Addr stream);
 int geglu(Addr gate_up, Addr out, int64_t rows, int64_t inter, Addr out_scale, bool interleaved, Addr stream);
@@ -54,7 +53,5 @@ int attention(int dtype, Addr q, Addr k, Addr v, Addr o, Strides3 q_strides, Str
 int attention_num_splits(int batch, int seqlen_q, int seqlen_k, int heads_q, int heads_kv, int head_dim,
                          int num_sms, int* splits);
 int attention_max_splits();
-
-int prefetch_l2(const std::vector<Addr>& ptrs, const std::vector<int64_t>& bytes, Addr stream);
 
 }  // namespace flashrt::api

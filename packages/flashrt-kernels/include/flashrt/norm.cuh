@@ -8,7 +8,6 @@
 #pragma once
 
 #include "flashrt/common.cuh"
-#include "flashrt/prefetch.cuh"
 
 namespace flashrt {
 
@@ -30,9 +29,6 @@ struct NormParams {
   // run (prepared at load): they may be read before pdl_wait(). False when an earlier kernel of
   // the same stream computes them.
   bool static_params = true;
-  // Weights of later kernels to bring into L2, asked for before pdl_wait() (prefetch.cuh): the
-  // action expert's norms fetch the GEMM weights of the rest of their layer, or the next layer's.
-  PrefetchRanges prefetch{};
 };
 
 // The row-independent vectors of one 8-wide slice (bf16 x 8 each; zero where absent).
@@ -61,8 +57,6 @@ __global__ void __launch_bounds__(1024) norm_kernel(NormParams p) {
   // loaded up front, static ones before pdl_wait() while the previous kernel still runs: one memory
   // round trip fewer after it. Wider rows load them where used (registers are capped at 64 here).
   constexpr bool kPrefetch = VPT == 1;
-  if (p.prefetch.count)
-    prefetch_l2_ranges(p.prefetch, blockIdx.x * int64_t(blockDim.x) + threadIdx.x, int64_t(gridDim.x) * blockDim.x);
   NormConsts pre{};
   if constexpr (kPrefetch) {
     if (p.static_params && int(threadIdx.x) < nvec) pre = load_norm_consts(p, threadIdx.x);

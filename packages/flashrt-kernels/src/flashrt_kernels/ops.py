@@ -22,7 +22,6 @@ GEMM_EPILOGUES = {"none": 0, "gelu_tanh": 1}
 ATTN_DTYPES = {"bf16": 0, "fp16": 1}
 ATTN_HEAD_DIMS = (16, 32, 48, 64, 72, 96, 128, 256)
 SKINNY_MAX_M = 64
-PREFETCH_MAX_RANGES = 8  # per norm call (prefetch_l2 itself takes any number)
 # cuBLASLt workspace that lets it pick its fastest Hopper kernels.
 GEMM_WORKSPACE_BYTES = 32 * 1024 * 1024
 
@@ -116,7 +115,7 @@ def _stream(stream: int) -> int:
 
 def rms_norm(x: int, weight: int, out: int, rows: int, hidden: int, *, eps: float = 1e-6,
              weight_offset: float = 1.0, out_scale: int = 0, mod_scale: int = 0, mod_shift: int = 0,
-             static_params: bool = True, prefetch: Sequence[tuple[int, int]] = (), stream: int = 0) -> None:
+             static_params: bool = True, stream: int = 0) -> None:
     """out = x * rsqrt(mean(x^2) + eps) * (weight_offset + weight) [* (1 + mod_scale) + mod_shift].
 
     weight_offset=1 is Gemma's ``(1 + w)``; weight=0 skips the weight (folded into the next GEMM).
@@ -124,24 +123,21 @@ def rms_norm(x: int, weight: int, out: int, rows: int, hidden: int, *, eps: floa
     static_params (sm_90): the weight / bias / gate / modulation vectors are read before the
     previous kernel of the stream has finished (as ``skinny_gemm`` reads its weight); pass False
     when a kernel just before this call, in the same stream, writes them.
-    prefetch: up to 8 (address, nbytes) ranges asked into L2 in the kernel's prologue, as
-    ``prefetch_l2`` does (the weights of GEMMs a few kernels later), at no extra kernel.
     """
     _norm("rms_norm", x, 0, 0, weight, weight_offset, 0, mod_scale, mod_shift, out, out_scale, rows, hidden,
-          eps, False, static_params, stream, prefetch)
+          eps, False, static_params, stream)
 
 
 def add_rms_norm(x: int, residual: int, weight: int, out: int, rows: int, hidden: int, *, eps: float = 1e-6,
                  weight_offset: float = 1.0, gate: int = 0, out_scale: int = 0, mod_scale: int = 0,
-                 mod_shift: int = 0, static_params: bool = True, prefetch: Sequence[tuple[int, int]] = (),
-                 stream: int = 0) -> None:
+                 mod_shift: int = 0, static_params: bool = True, stream: int = 0) -> None:
     """residual += x (* gate); out = rms_norm(residual) as in ``rms_norm``. residual is updated in place.
 
     gate ([hidden] bf16) is the gated residual of adaRMS blocks: residual += x * gate.
     """
     _need_ptr("residual", residual)
     _norm("add_rms_norm", x, residual, gate, weight, weight_offset, 0, mod_scale, mod_shift, out, out_scale,
-          rows, hidden, eps, False, static_params, stream, prefetch)
+          rows, hidden, eps, False, static_params, stream)
 
 
 def layer_norm(x: int, weight: int, bias: int, out: int, rows: int, hidden: int, *, eps: float = 1e-6,
@@ -156,10 +152,7 @@ def layer_norm(x: int, weight: int, bias: int, out: int, rows: int, hidden: int,
 
 
 def _norm(op, x, residual, gate, weight, weight_offset, bias, mod_scale, mod_shift, out, out_scale, rows,
-          hidden, eps, layernorm, static_params, stream, prefetch=()):
-    ptrs, sizes = _prefetch_ranges(prefetch)
-    if len(ptrs) > PREFETCH_MAX_RANGES:
-        raise ValueError(f"{op}: prefetch takes at most {PREFETCH_MAX_RANGES} ranges, got {len(ptrs)}")
+          hidden, eps, layernorm, static_params, stream):
     _need_size("rows", rows, minimum=0)
     _need_size("hidden", hidden, multiple=8)
     if hidden > 32768:
@@ -169,7 +162,7 @@ def _norm(op, x, residual, gate, weight, weight_offset, bias, mod_scale, mod_shi
                  float(weight_offset), _need_ptr("bias", bias, optional=True),
                  _need_ptr("mod_scale", mod_scale, optional=True), _need_ptr("mod_shift", mod_shift, optional=True),
                  _need_ptr("out", out, align=8 if out_scale else 16), _need_ptr("out_scale", out_scale, 4, True),
-                 rows, hidden, float(eps), bool(layernorm), bool(static_params), ptrs, sizes, _stream(stream))
+                 rows, hidden, float(eps), bool(layernorm), bool(static_params), _stream(stream))
     _raise_if(rc, op)
 
 
@@ -484,27 +477,3 @@ def attention(q: int, k: int, v: int, o: int, *, batch: int, seqlen_q: int, seql
                       _need_ptr("out_scale", out_scale, 4, True), _stream(stream))
     _raise_if(rc, "attention")
     return num_splits
-
-
-# ------------------------------------------------------------------------------------------------
-# L2 prefetch
-
-
-def prefetch_l2(ranges: Sequence[tuple[int, int]], *, stream: int = 0) -> None:
-    """Ask for each (address, nbytes) range to be brought into L2; returns at once.
-
-    A hint for weights a later kernel streams (the action expert's next layer, from a side stream
-    of the same graph): it writes nothing and needs no synchronisation. A range's last < 16 bytes
-    may be left out. Addresses must be 16-byte aligned (any tensor's start is)."""
-    ptrs, sizes = _prefetch_ranges(ranges)
-    _raise_if(_C.prefetch_l2(ptrs, sizes, _stream(stream)), "prefetch_l2")
-
-
-def _prefetch_ranges(ranges) -> tuple[list[int], list[int]]:
-    ptrs, sizes = [], []
-    for i, rng in enumerate(ranges):
-        if not isinstance(rng, (tuple, list)) or len(rng) != 2:
-            raise ValueError(f"ranges[{i}]: expected (address, nbytes), got {rng!r}")
-        ptrs.append(_need_ptr(f"ranges[{i}] address", rng[0]))
-        sizes.append(_need_size(f"ranges[{i}] nbytes", rng[1], minimum=0))
-    return ptrs, sizes

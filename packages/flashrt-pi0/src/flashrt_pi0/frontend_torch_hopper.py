@@ -27,12 +27,6 @@ class Pi0TorchFrontendHopper(PiTorchFrontendHopperBase):
 
         return Pi0HopperPipeline
 
-    def _allocate_host_buffers(self):
-        super()._allocate_host_buffers()
-        self.state_host = self._torch.zeros(
-            (self.config.max_state_dim,), dtype=self._torch.float32, pin_memory=self.device.type == "cuda"
-        )
-
     def set_prompt(self, prompt: str):
         return super().set_prompt(prompt, None)
 
@@ -56,7 +50,6 @@ class Pi0TorchFrontendHopper(PiTorchFrontendHopperBase):
         self.pipeline.set_act_amax(calibrate_amax(observed, percentile))
         self._save_calibration()
 
-    def _state_input(self, observation):
+    def _stage_state(self, observation):
         state = observation.get("state") if isinstance(observation, Mapping) else None
-        self.state_host.numpy()[...] = self.inputs.padded_state(self.inputs.normalized_state(state))
-        return self.state_host
+        self.pipeline.state_host.numpy()[...] = self.inputs.padded_state(self.inputs.normalized_state(state))

@@ -56,6 +56,8 @@ class Pi0HopperPipeline(PaliGemmaHopperPipeline):
     def _allocate_buffers(self):
         super()._allocate_buffers()
         self.state_x = torch.empty((1, self.config.expert.width), device=self.device, dtype=self.ops.residual_dtype)
+        # staged by load_state, copied in by run_after_prefix (as the base class stages its inputs)
+        self.state_host = torch.zeros(tuple(self.state.shape), dtype=torch.float32, pin_memory=self.is_cuda)
 
     def _suffix_linears(self):
         return (self.action_time_out,)
@@ -64,15 +66,16 @@ class Pi0HopperPipeline(PaliGemmaHopperPipeline):
         state = torch.as_tensor(state, dtype=torch.float32).reshape(-1)
         if state.shape[0] > self.state.shape[0]:
             raise InputError(f"state has {state.shape[0]} values; the model takes at most {self.state.shape[0]}")
-        self.state.zero_()
-        self.state[: state.shape[0]].copy_(state, non_blocking=True)
+        self.state_host.zero_()
+        self.state_host[: state.shape[0]].copy_(state)
 
     def run_after_prefix(self, bucket):
+        self.state.copy_(self.state_host, non_blocking=True)
         self.state_x.copy_(self.ops.linear(self.state[None, :], self.state_proj))
         self.expert_layers(self.state_x, self.prefix_len(bucket), 0, stop_after_kv=True)
 
-    def expert_norm(self, x, step, layer, which, *, lin, y, gate, prefetch=None):
-        return self.ops.rms_norm(x, lin=lin, y=y, gate=gate, prefetch=prefetch)
+    def expert_norm(self, x, step, layer, which, *, lin, y, gate):
+        return self.ops.rms_norm(x, lin=lin, y=y, gate=gate)
 
     def denoise_delta(self, bucket, step, *, out=None, accumulate=False):
         ops, x = self.ops, self.suffix_x

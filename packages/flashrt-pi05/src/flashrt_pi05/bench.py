@@ -91,7 +91,7 @@ HOST_PHASES = ("before_infer", "launch", "wait", "after_sync")
 
 def _host_phases(start, end, marks) -> list[float]:
     """One predict() call's host clock split at the pipeline's marks (ms): preprocessing up to
-    infer(), the launch (graph replay + D2H enqueued), the wait for the GPU, the work after it."""
+    infer(), the launch (the graph replay, copies included), the wait for the GPU, the work after it."""
     t_enter, t_launched, t_synced, _ = marks
     return [(t_enter - start) * 1e3, (t_launched - t_enter) * 1e3, (t_synced - t_launched) * 1e3,
             (end - t_synced) * 1e3]

@@ -73,10 +73,10 @@ class Pi05HopperPipeline(PaliGemmaHopperPipeline):
         w, b = sd.take("action_out_proj.weight").float(), sd.take("action_out_proj.bias").float()
         self.action_out = self._lin("action_out", w * self.dt, b * self.dt, dtype=f32)
 
-    def expert_norm(self, x, step, layer, which, *, lin, y, gate, prefetch=None):
+    def expert_norm(self, x, step, layer, which, *, lin, y, gate):
         mod = Modulation(self.ada_one_plus_scale[step, layer, which], self.ada_shift[step, layer, which],
                          self.ada_bf16[step, layer, which, 0], self.ada_bf16[step, layer, which, 1])
-        return self.ops.rms_norm(x, lin=lin, y=y, gate=gate, mod=mod, prefetch=prefetch)
+        return self.ops.rms_norm(x, lin=lin, y=y, gate=gate, mod=mod)
 
     def expert_gate(self, step, layer, which):
         return Gate(self.ada_gate[step, layer, which], self.ada_bf16[step, layer, which, 2])

@@ -30,15 +30,10 @@ def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _ranges(tensors) -> list[tuple[int, int]]:
-    return [(t.data_ptr(), t.numel() * t.element_size()) for t in tensors]
-
-
 class KernelOps(TorchOps):
     name = "kernels"
     residual_dtype = torch.bfloat16
     fused_epilogues = True  # the pipeline orders the expert's qkv / gate_up rows for the fused GEMMs
-    prefetches_l2 = True
 
     def __init__(self, act_dtype: torch.dtype, device: torch.device, autotune: int = 0):
         if act_dtype != torch.bfloat16:
@@ -68,10 +63,6 @@ class KernelOps(TorchOps):
         out = torch.empty(h.shape, dtype=torch.float8_e4m3fn, device=h.device)
         self.fk.quantize_fp8(h.data_ptr(), out.data_ptr(), h.numel(), lin.act_scale.data_ptr(), stream=self._stream())
         return out
-
-    def prefetch_l2(self, tensors):
-        """Ask for these tensors' bytes to be brought into L2, on the current stream; returns at once."""
-        self.fk.prefetch_l2(_ranges(tensors), stream=self._stream())
 
     # GEMMs -----------------------------------------------------------------------------------
     def linear(self, h, lin, *, act=None, out_for=None, out=None, accumulate=False):
@@ -209,14 +200,13 @@ class KernelOps(TorchOps):
         return (not self.calibrating and x.dtype == torch.bfloat16 and x.is_contiguous() and x.shape[-1] % 8 == 0
                 and (y is None or (y.dtype == torch.bfloat16 and y.is_contiguous())))
 
-    def rms_norm(self, x, *, lin, y=None, gate=None, mod=None, prefetch=None):
+    def rms_norm(self, x, *, lin, y=None, gate=None, mod=None):
         if not self._kernel_norm_ok(x, y):
             return super().rms_norm(x, lin=lin, y=y, gate=gate, mod=mod)
         out, out_scale = self._norm_out(x, lin)
         rows, hidden = x.shape
         common = dict(weight_offset=0.0, out_scale=out_scale, mod_scale=_ptr(mod.scale_bf16) if mod else 0,
-                      mod_shift=_ptr(mod.shift_bf16) if mod else 0, prefetch=_ranges(prefetch or ()),
-                      stream=self._stream())
+                      mod_shift=_ptr(mod.shift_bf16) if mod else 0, stream=self._stream())
         if y is None:
             self.fk.rms_norm(x.data_ptr(), 0, out.data_ptr(), rows, hidden, **common)
         else:

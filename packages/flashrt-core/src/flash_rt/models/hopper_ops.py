@@ -138,7 +138,6 @@ class TorchOps:
     fallback_reason = None  # why the compiled kernels are not in use, when they were wanted
     autotune = 0
     fused_epilogues = False  # True: the pipeline orders the expert's rows for fused GEMM epilogues
-    prefetches_l2 = False  # True: prefetch_l2 brings weights into L2 ahead of their GEMMs
 
     def __init__(self, act_dtype: torch.dtype):
         self.act_dtype = act_dtype
@@ -209,10 +208,9 @@ class TorchOps:
             else:
                 x.addcmul_(y, gate.f32)
 
-    def rms_norm(self, x, *, lin, y=None, gate=None, mod: Modulation | None = None, prefetch=None):
+    def rms_norm(self, x, *, lin, y=None, gate=None, mod: Modulation | None = None):
         """x += y (* gate) in place; rms(x) [* (1 + s) + t] in the format ``lin`` reads. The Gemma
-        (1 + w) weight is folded into lin's weights; adaRMS has none. ``prefetch`` (tensors a later
-        GEMM reads: an L2 hint) is for ops with ``prefetches_l2``; ignored here."""
+        (1 + w) weight is folded into lin's weights; adaRMS has none."""
         self._residual(x, y, gate)
         normed = _rms(x.float())
         if mod is not None:

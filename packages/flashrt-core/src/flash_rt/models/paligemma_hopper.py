@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -183,10 +182,7 @@ class PaliGemmaHopperPipeline:
         self.captures = 0  # graphs captured so far (tests check reuse)
         self._graph_pool = None
         self._stream = None
-        self._ids_ready = None
         self._sdpa_backends = None
-        self._prefetch_stream = None
-        self.l2_prefetch = _l2_prefetch_mode() if self.is_cuda else "off"
 
     # ------------------------------------------------------------------ weight preparation
     def _lin(self, name, weight, bias=None, *, fp8=True, dtype=None, row_order=None) -> Linear:
@@ -325,15 +321,19 @@ class PaliGemmaHopperPipeline:
         else:  # the KV cache is the backend's K/V slots of the joint site
             self._bind_attention_backend()
         self.rope_cos, self.rope_sin = rope_tables(self.max_total, llm.head_dim, dev)
+        # Host side of the call's inputs and output, pinned: the stages copy them in and out
+        # themselves (run_vision the images, run_prefix the ids, run_denoise the noise and the
+        # actions), so the graph holds the copies and a call launches one graph and nothing else.
+        # The host writes them only between calls (infer() returns after its sync).
+        pin = self.is_cuda
+        self.images_host = torch.empty(tuple(self.images.shape), dtype=torch.uint8, pin_memory=pin)
+        self.noise_host = torch.empty(tuple(self.noise.shape), dtype=f32, pin_memory=pin)
+        self.ids_host = torch.empty((self.max_prompt_len,), dtype=torch.int64, pin_memory=pin)
+        self.actions_host = torch.empty(tuple(self.actions.shape), dtype=f32, pin_memory=pin)
         if self.is_cuda:
-            self.actions_host = torch.empty(self.actions.shape, dtype=f32, pin_memory=True)
-            self.ids_host = torch.empty((self.max_prompt_len,), dtype=torch.int64, pin_memory=True)
-            # bracket each call's GPU work (graph + D2H): last_call_gpu_ms() tells a slow call's
-            # GPU time from its host time, at the cost of two event records
+            # bracket each call's GPU work (graph, copies included): last_call_gpu_ms() tells a
+            # slow call's GPU time from its host time, at the cost of two event records
             self._call_events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-        else:
-            self.actions_host = torch.empty(self.actions.shape, dtype=f32)
-            self.ids_host = torch.empty((self.max_prompt_len,), dtype=torch.int64)
         # host clock (time.perf_counter) at infer()'s entry, after the graph launch returned, after
         # the sync returned, at its return: last_call_host_marks()
         self._host_marks = (0.0, 0.0, 0.0, 0.0)
@@ -352,6 +352,7 @@ class PaliGemmaHopperPipeline:
         """images (V, 224, 224, 3) uint8 -> [-1, 1] -> prefix_x[:num_image_tokens] (projected tokens)."""
         ops, v, nv = self.ops, self.config.vision, self.num_views
         p, g = v.patch_size, self.grid
+        self.images.copy_(self.images_host, non_blocking=True)
         pixels = self.images.float() / 255.0 * 2.0 - 1.0
         patches = pixels.reshape(nv, g, p, g, p, 3).permute(0, 1, 3, 5, 2, 4).reshape(nv * g * g, 3 * p * p)
         x = self.vision_x
@@ -376,6 +377,7 @@ class PaliGemmaHopperPipeline:
         ops, d = self.ops, self.config.paligemma
         n_img, n = self.num_image_tokens, self.prefix_len(bucket)
         x = self.prefix_x[:n]
+        bucket.ids.copy_(self.ids_host[: bucket.length], non_blocking=True)
         x[n_img:].copy_(torch.nn.functional.embedding(bucket.ids, self.embed).float() * self.embed_scale)
         y = None
         for i, layer in enumerate(self.llm):
@@ -475,50 +477,17 @@ class PaliGemmaHopperPipeline:
         last = len(self.expert) - 1
         y = gate = None
         for i, layer in enumerate(self.expert):
-            after = self.expert[(i + 1) % len(self.expert)]  # the next layer (the last: the next step's first)
-            self._prefetch_on_side_stream(after)
-            h = self.expert_norm(x, step, i, 0, lin=layer.qkv, y=y, gate=gate,
-                                 prefetch=self._norm_prefetch(layer.o, layer.gate_up, layer.down))
+            h = self.expert_norm(x, step, i, 0, lin=layer.qkv, y=y, gate=gate)
             q = ops.linear_rope_qkv(h, layer.qkv, **self._rope_args(i, start, x.shape[0], d.num_heads))
             if stop_after_kv and i == last:
-                self._join_side_stream()
                 return None, None
             y = ops.linear(self._attend(q, i, end, out_for=layer.o), layer.o)
-            h = self.expert_norm(x, step, i, 1, lin=layer.gate_up, y=y, gate=self.expert_gate(step, i, 0),
-                                 prefetch=self._norm_prefetch(after.qkv))
+            h = self.expert_norm(x, step, i, 1, lin=layer.gate_up, y=y, gate=self.expert_gate(step, i, 0))
             y = ops.linear(ops.linear_geglu(h, layer.gate_up, out_for=layer.down), layer.down)
             gate = self.expert_gate(step, i, 1)
-        self._join_side_stream()
         return y, gate
 
-    # L2 prefetch of the expert's weights. Its GEMMs run on 50 rows: each is a latency chain whose
-    # weight loads otherwise pay DRAM latency on the critical path. Weights depend on nothing the
-    # call computes, so they can be asked into L2 a few kernels ahead ("norm", the default: each
-    # norm's prologue asks for the GEMM weights after it - its layer's o / gate_up / down, or the
-    # next layer's qkv - at no extra kernel), or from a side stream of the graph a layer ahead
-    # ("stream"). FLASHRT_L2_PREFETCH=off|norm|stream chooses (measurements: docs/benchmarks.md).
-    def _norm_prefetch(self, *lins):
-        if self.l2_prefetch != "norm" or not self.ops.prefetches_l2:
-            return None
-        return [lin.weight for lin in lins]
-
-    def _prefetch_on_side_stream(self, layer):
-        if self.l2_prefetch != "stream" or not self.ops.prefetches_l2:
-            return
-        if self._prefetch_stream is None:
-            self._prefetch_stream = torch.cuda.Stream(self.device)
-        self._prefetch_stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self._prefetch_stream):
-            self.ops.prefetch_l2([lin.weight for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)])
-
-    def _join_side_stream(self):
-        """The side stream rejoins (a graph capture must end joined); its kernels ended long ago."""
-        if self._prefetch_stream is not None and self.l2_prefetch == "stream" and self.ops.prefetches_l2:
-            torch.cuda.current_stream().wait_stream(self._prefetch_stream)
-
-    def expert_norm(self, x, step, layer, which, *, lin, y, gate, prefetch=None):
-        """x += y (* gate), then block ``which``'s norm of ``layer`` at ``step``, in ``lin``'s input
-        format; ``prefetch``: weights the norm kernel asks into L2 (ops.rms_norm)."""
+    def expert_norm(self, x, step, layer, which, *, lin, y, gate):
         raise NotImplementedError
 
     def expert_gate(self, step, layer, which):
@@ -535,10 +504,12 @@ class PaliGemmaHopperPipeline:
 
     @torch.no_grad()
     def run_denoise(self, bucket: Bucket):
+        self.noise.copy_(self.noise_host, non_blocking=True)
         self.x_t.copy_(self.noise)
         for step in range(self.num_steps):  # the Euler step x_t += dt * v, fused into the last GEMM
             self.denoise_delta(bucket, step, out=self.x_t, accumulate=True)
         self.actions.copy_(self.x_t)
+        self.actions_host.copy_(self.actions, non_blocking=True)
 
     @torch.no_grad()
     def run_all(self, bucket: Bucket):
@@ -562,7 +533,8 @@ class PaliGemmaHopperPipeline:
 
     # ------------------------------------------------------------------ buckets and graphs
     def set_prompt_tokens(self, ids) -> Bucket:
-        """Select (or create) the bucket for len(ids) and load the ids into it (no sync)."""
+        """Select (or create) the bucket for len(ids) and stage the ids for the next call (host only:
+        run_prefix copies them in)."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         n = int(ids.shape[0])
         if not 1 <= n <= self.max_prompt_len:
@@ -574,36 +546,31 @@ class PaliGemmaHopperPipeline:
         if bucket is None:
             bucket = Bucket(n, torch.empty((n,), dtype=torch.int64, device=self.device))
             self.buckets[n] = bucket
-        if self._ids_ready is not None:
-            self._ids_ready.synchronize()  # the pinned staging buffer may still be in flight
-        self.ids_host[:n].copy_(torch.from_numpy(ids))
-        with self._on_stream():
-            bucket.ids.copy_(self.ids_host[:n], non_blocking=True)
-            if self.is_cuda:
-                self._ids_ready = torch.cuda.Event()
-                self._ids_ready.record()
+        self.ids_host.numpy()[:n] = ids
         self.current = bucket
         return bucket
 
     def bucket_ids_match(self, bucket: Bucket, ids) -> bool:
-        """Whether ``bucket`` holds exactly ``ids`` (syncs; for tests and debugging)."""
-        return bucket.ids.cpu().tolist() == [int(i) for i in ids]
+        """Whether the next call runs ``bucket`` on exactly ``ids`` (the staged ids, which its
+        run_prefix copies in; for tests and debugging)."""
+        return bucket is self.current and self.ids_host[: bucket.length].tolist() == [int(i) for i in ids]
 
     def load_inputs(self, images, noise, state=None):
-        """Copy one observation into the static input buffers (async from pinned memory):
-        images (V, S, S, 3) uint8 (already resized), noise (H, action_dim), Pi0's state."""
-        with self._on_stream():
-            self.images.copy_(torch.as_tensor(images).reshape(self.images.shape), non_blocking=True)
-            self.noise.copy_(torch.as_tensor(noise).reshape(self.noise.shape), non_blocking=True)
-            if state is not None:
-                self.load_state(state)
+        """Stage one observation for the next call (host only; the stages copy it in): images
+        (V, S, S, 3) uint8 (already resized), noise (H, action_dim), Pi0's state. The frontend
+        writes images_host / noise_host in place instead and calls load_state()."""
+        self.images_host.copy_(torch.as_tensor(images).reshape(self.images_host.shape))
+        self.noise_host.copy_(torch.as_tensor(noise).reshape(self.noise_host.shape))
+        if state is not None:
+            self.load_state(state)
 
     def load_state(self, state):
         """Pi0 only; Pi0.5 carries its state in the prompt."""
 
     @torch.no_grad()
     def infer(self, *, prefix: bool = True) -> np.ndarray:
-        """Run the call for the current bucket on the loaded inputs; one sync, on the D2H.
+        """Run the call for the current bucket on the staged inputs: one graph launch (it copies the
+        inputs in and the actions out), one sync.
 
         ``prefix=False`` replays the denoise-only graph on the cached prefix KV (cache_frames)."""
         t_enter = time.perf_counter()
@@ -613,26 +580,26 @@ class PaliGemmaHopperPipeline:
         with self._on_stream():
             kind = "full" if prefix else "denoise"
             graph = self._graph(bucket, kind) if self.use_graphs else None  # may capture: outside the events
-            if self.is_cuda:
-                self._call_events[0].record()
+            stream = torch.cuda.current_stream() if self.is_cuda else None
+            if stream is not None:
+                self._call_events[0].record(stream)
             if graph is not None:
                 graph.replay()
             elif prefix:
                 self.run_all(bucket)
             else:
                 self.run_denoise(bucket)
-            self.actions_host.copy_(self.actions, non_blocking=True)
             t_launched = time.perf_counter()
-            if self.is_cuda:
-                self._call_events[1].record()
-                torch.cuda.current_stream().synchronize()
+            if stream is not None:
+                self._call_events[1].record(stream)
+                stream.synchronize()
             t_synced = time.perf_counter()
         actions = self.actions_host.numpy().copy()
         self._host_marks = (t_enter, t_launched, t_synced, time.perf_counter())
         return actions
 
     def last_call_gpu_ms(self) -> float | None:
-        """GPU time of the last infer(): from the start of its graph to the end of its D2H copy
+        """GPU time of the last infer(): its graph, from the inputs' copy in to the actions' copy out
         (None on the CPU). Its wall time minus this is host time (preprocessing, launch, wake-up)."""
         if not self.is_cuda:
             return None
@@ -900,17 +867,6 @@ class _StateDict:
                 f"state_dict has {len(left)} parameters the Hopper pipeline does not use, e.g. {left[:3]}; "
                 "is this the right model type?"
             )
-
-
-L2_PREFETCH_MODES = ("off", "norm", "stream")
-
-
-def _l2_prefetch_mode() -> str:
-    mode = os.environ.get("FLASHRT_L2_PREFETCH", "norm").strip().lower()
-    mode = {"0": "off", "1": "norm", "": "norm"}.get(mode, mode)
-    if mode not in L2_PREFETCH_MODES:
-        raise ConfigError(f"FLASHRT_L2_PREFETCH={mode!r}: expected one of {L2_PREFETCH_MODES} (unset: norm)")
-    return mode
 
 
 def _device_tensor(ptr: int, shape, dtype, device) -> torch.Tensor:

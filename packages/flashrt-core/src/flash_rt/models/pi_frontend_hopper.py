@@ -100,7 +100,6 @@ class PiTorchFrontendHopperBase:
         self._encoded = None  # (prompt, length) of the prefix in the KV cache
         self.autotune = autotune
         self.attention_backend = self.pipeline.autotune_attention(autotune)
-        self._allocate_host_buffers()
         self._rng = np.random.default_rng()
         self._prompt = None
         self._prompt_state = None
@@ -127,12 +126,6 @@ class PiTorchFrontendHopperBase:
         from flash_rt.models.paligemma_tokenizer import PaligemmaTokenizer, find_tokenizer  # noqa: PLC0415
 
         return PaligemmaTokenizer(find_tokenizer(explicit, self.checkpoint_dir))
-
-    def _allocate_host_buffers(self):
-        torch, pin = self._torch, self.device.type == "cuda"
-        p = self.pipeline
-        self.images_host = torch.empty(tuple(p.images.shape), dtype=torch.uint8, pin_memory=pin)
-        self.noise_host = torch.empty(tuple(p.noise.shape), dtype=torch.float32, pin_memory=pin)
 
     # ------------------------------------------------------------------ prompt
     def set_prompt(self, prompt: str, state=None):
@@ -180,14 +173,15 @@ class PiTorchFrontendHopperBase:
         size = self.config.vision.image_size
         keys = tuple(k for k in self.config.camera_keys if k not in IMAGE_KEYS)
         keys = keys if len(keys) >= self.num_views else ()
-        host = self.images_host.numpy()
+        pipe = self.pipeline  # written in place into its pinned staging buffers; its graph copies them in
+        host = pipe.images_host.numpy()
         for i, image in enumerate(observation_images(observation, self.num_views, keys)):
             host[i] = resize_with_pad(image, size)
-        self.noise_host.numpy()[...] = self.inputs.noise(noise, self._rng)
-        self.pipeline.load_inputs(self.images_host, self.noise_host, self._state_input(observation))
+        pipe.noise_host.numpy()[...] = self.inputs.noise(noise, self._rng)
+        self._stage_state(observation)
 
-    def _state_input(self, observation):
-        return None  # Pi0.5: the state went into the prompt
+    def _stage_state(self, observation):
+        """Pi0: the normalised state into the pipeline's staging buffer. Pi0.5: it went into the prompt."""
 
     def _postprocess(self, actions: np.ndarray) -> np.ndarray:
         return self.inputs.actions(actions)
