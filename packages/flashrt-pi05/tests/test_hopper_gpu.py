@@ -126,7 +126,6 @@ def _true_size_case(true_size, num_views, precision, ops):
         pipe.run_vision()
         m["vision_tokens_cos"] = ht.cosine(pipe.prefix_x[: pipe.num_image_tokens], want["image_tokens"])
         pipe.run_prefix(bucket)
-        pipe.run_after_prefix(bucket)
         k_cos, v_cos = [], []
         for layer in range(config.paligemma.depth):
             k_ref, v_ref = ht.prefix_kv_of_reference(want["kv"], layer, pipe.num_image_tokens, n)

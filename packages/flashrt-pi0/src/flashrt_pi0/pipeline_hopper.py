@@ -2,9 +2,11 @@
 plus Pi0's suffix.
 
 Pi0's suffix is [state token, 50 action tokens] with ar = [1, 1, 0 ...]: the state token sees
-the prefix and itself only, so its K/V do not depend on x_t or t. It is run once per call, right
-after the prefix, and its K/V are appended to the cache; the denoise steps then run 50 tokens that
-attend, unmasked, to [prefix; state; actions]. Action tokens are
+the prefix and itself only, so its K/V do not depend on x_t or t. It rides along in the first
+denoise step (51 rows through the expert's GEMMs, its attention over [prefix; state] only), which
+appends its K/V to the cache; the later steps run the 50 action tokens, which attend, unmasked, to
+[prefix; state; actions]. (A pass of its own, 1 row through 18 layers, cost ~0.4 ms of
+latency-bound kernels on the H100.) Action tokens are
 action_time_mlp_out(swish(action_time_mlp_in([action_in_proj(x_t), time_emb]))): action_in_proj
 is folded into the first half of action_time_mlp_in, and the time half (fixed per step) plus
 both biases becomes one precomputed bias per step. Expert norms are plain Gemma RMSNorms whose
@@ -49,14 +51,10 @@ class Pi0HopperPipeline(PaliGemmaHopperPipeline):
         w, b = sd.take("action_out_proj.weight").float(), sd.take("action_out_proj.bias").float()
         self.action_out = self._lin("action_out", w * final[None, :] * self.dt, b * self.dt, dtype=f32)
         self.state = torch.zeros((self.config.max_state_dim,), device=self.device, dtype=f32)
-        # the state token's residual stream (allocated before the ops know their dtype: take fp32,
-        # re-typed in _allocate_buffers)
-        self.state_x = None
 
     def _allocate_buffers(self):
         super()._allocate_buffers()
-        self.state_x = torch.empty((1, self.config.expert.width), device=self.device, dtype=self.ops.residual_dtype)
-        # staged by load_state, copied in by run_after_prefix (as the base class stages its inputs)
+        # staged by load_state, copied in by the first denoise step (as the base class stages its inputs)
         self.state_host = torch.zeros(tuple(self.state.shape), dtype=torch.float32, pin_memory=self.is_cuda)
 
     def _suffix_linears(self):
@@ -69,18 +67,17 @@ class Pi0HopperPipeline(PaliGemmaHopperPipeline):
         self.state_host.zero_()
         self.state_host[: state.shape[0]].copy_(state)
 
-    def run_after_prefix(self, bucket):
-        self.state.copy_(self.state_host, non_blocking=True)
-        self.state_x.copy_(self.ops.linear(self.state[None, :], self.state_proj))
-        self.expert_layers(self.state_x, self.prefix_len(bucket), 0, stop_after_kv=True)
-
     def expert_norm(self, x, step, layer, which, *, lin, y, gate):
         return self.ops.rms_norm(x, lin=lin, y=y, gate=gate)
 
     def denoise_delta(self, bucket, step, *, out=None, accumulate=False):
-        ops, x = self.ops, self.suffix_x
+        ops, first = self.ops, step == 0  # the first step also carries the state token (row 0)
         h = ops.silu(ops.linear(self.x_t, self.action_fused) + self.step_bias[step])
-        ops.linear(h, self.action_time_out, out=x)
-        y, gate = self.expert_layers(x, self.prefix_len(bucket) + 1, step)
-        return ops.linear(ops.rms_norm(x, lin=self.action_out, y=y, gate=gate), self.action_out, out=out,
-                          accumulate=accumulate)
+        ops.linear(h, self.action_time_out, out=self.suffix_x)
+        if first:
+            self.state.copy_(self.state_host, non_blocking=True)
+            self.suffix_rows[:1].copy_(ops.linear(self.state[None, :], self.state_proj))
+        x = self.suffix_rows if first else self.suffix_x
+        y, gate = self.expert_layers(x, self.prefix_len(bucket) + (0 if first else 1), step, head_rows=int(first))
+        h = ops.rms_norm(x, lin=self.action_out, y=y, gate=gate)
+        return ops.linear(h[1:] if first else h, self.action_out, out=out, accumulate=accumulate)

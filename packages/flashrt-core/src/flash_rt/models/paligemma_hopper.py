@@ -310,7 +310,7 @@ class PaliGemmaHopperPipeline:
         self.actions = torch.empty_like(self.noise)
         res = self.ops.residual_dtype  # fp32 with torch ops; bf16 with the compiled kernels
         self.prefix_x = torch.empty((self.max_prefix, llm.width), device=dev, dtype=res)
-        self.suffix_x = torch.empty((self.horizon, exp.width), device=dev, dtype=res)
+        self._allocate_suffix(res)
         self.vision_x = torch.empty((self.num_views * c.vision.num_patches, c.vision.width), device=dev, dtype=res)
         self.positions = torch.arange(self.max_total, device=dev, dtype=torch.int32)
         if self.attention_backend is None:
@@ -338,8 +338,15 @@ class PaliGemmaHopperPipeline:
         # the sync returned, at its return: last_call_host_marks()
         self._host_marks = (0.0, 0.0, 0.0, 0.0)
 
+    def _allocate_suffix(self, dtype):
+        """The expert's residual stream: suffix_rows holds [extra tokens (Pi0's state); actions],
+        suffix_x is its action rows (every step after the first runs those alone)."""
+        rows = self.suffix_extra_tokens + self.horizon
+        self.suffix_rows = torch.empty((rows, self.config.expert.width), device=self.device, dtype=dtype)
+        self.suffix_x = self.suffix_rows[self.suffix_extra_tokens :]
+
     def buffer_bytes(self) -> int:
-        bufs = [self.images, self.noise, self.x_t, self.actions, self.prefix_x, self.suffix_x, self.vision_x,
+        bufs = [self.images, self.noise, self.x_t, self.actions, self.prefix_x, self.suffix_rows, self.vision_x,
                 *self.k_layers, *self.v_layers]
         return sum(b.numel() * b.element_size() for b in bufs)
 
@@ -468,24 +475,36 @@ class PaliGemmaHopperPipeline:
                   "K": (kv_rows, d.num_kv_heads, d.head_dim), "V": (kv_rows, d.num_kv_heads, d.head_dim)}
         return {k: _device_tensor(ptrs[k], shapes[k], self.act_dtype, self.device) for k in shapes}
 
-    def expert_layers(self, x, start, step, *, stop_after_kv=False):
+    def expert_layers(self, x, start, step, *, head_rows=0):
         """The expert over suffix tokens x (residual stream, in place) at cache positions
-        [start, start+T), attending to the whole cache [0, start+T). ``step`` selects the per-step
-        modulation. Returns the pending (output, gate) of the last block, for the final norm."""
+        [start, start+T), attending to the whole cache [0, start+T); the first ``head_rows`` rows
+        (Pi0's state token, in the first step) attend to [0, start + head_rows) only. ``step``
+        selects the per-step modulation. Returns the pending (output, gate) of the last block, for
+        the final norm."""
         ops, d = self.ops, self.config.expert
-        end = start + x.shape[0]
-        last = len(self.expert) - 1
         y = gate = None
         for i, layer in enumerate(self.expert):
             h = self.expert_norm(x, step, i, 0, lin=layer.qkv, y=y, gate=gate)
             q = ops.linear_rope_qkv(h, layer.qkv, **self._rope_args(i, start, x.shape[0], d.num_heads))
-            if stop_after_kv and i == last:
-                return None, None
-            y = ops.linear(self._attend(q, i, end, out_for=layer.o), layer.o)
+            y = ops.linear(self._attend_suffix(q, i, start, head_rows, out_for=layer.o), layer.o)
             h = self.expert_norm(x, step, i, 1, lin=layer.gate_up, y=y, gate=self.expert_gate(step, i, 0))
             y = ops.linear(ops.linear_geglu(h, layer.gate_up, out_for=layer.down), layer.down)
             gate = self.expert_gate(step, i, 1)
         return y, gate
+
+    def _attend_suffix(self, q, layer, start, head_rows, out_for=None):
+        """The suffix's attention: every row over [0, start + T), except the first ``head_rows``,
+        which see [0, start + head_rows) (two calls, their outputs stacked)."""
+        end = start + q.shape[0]
+        if head_rows == 0:
+            return self._attend(q, layer, end, out_for=out_for)
+        head = self._attend(q[:head_rows], layer, start + head_rows, out_for=out_for)
+        if self.attention_backend is not None:
+            head = head.clone()  # the backend's O slot is reused by the next call
+        rest = self._attend(q[head_rows:], layer, end, out_for=out_for)
+        if head.dtype == torch.float8_e4m3fn:  # cat has no FP8 kernel: stack the bytes
+            return torch.cat([head.view(torch.uint8), rest.view(torch.uint8)]).view(head.dtype)
+        return torch.cat([head, rest])
 
     def expert_norm(self, x, step, layer, which, *, lin, y, gate):
         raise NotImplementedError
@@ -493,9 +512,6 @@ class PaliGemmaHopperPipeline:
     def expert_gate(self, step, layer, which):
         """The residual gate after block ``which`` of ``layer`` (None: a plain residual)."""
         return None
-
-    def run_after_prefix(self, bucket: Bucket):
-        """Hook between the prefix and the denoise loop (Pi0: its state token)."""
 
     def denoise_delta(self, bucket: Bucket, step: int, *, out=None, accumulate=False) -> torch.Tensor:
         """dt * v(x_t, t_step) (dt is folded into action_out_proj), (H, action_dim) fp32; written
@@ -515,7 +531,6 @@ class PaliGemmaHopperPipeline:
     def run_all(self, bucket: Bucket):
         self.run_vision()
         self.run_prefix(bucket)
-        self.run_after_prefix(bucket)
         self.run_denoise(bucket)
 
     @torch.no_grad()
@@ -630,7 +645,7 @@ class PaliGemmaHopperPipeline:
             "full": lambda: self.run_all(bucket),
             "denoise": lambda: self.run_denoise(bucket),
             "vision": self.run_vision,
-            "prefix": lambda: (self.run_prefix(bucket), self.run_after_prefix(bucket)),
+            "prefix": lambda: self.run_prefix(bucket),
         }[kind]
 
     def _graph(self, bucket: Bucket, kind: str):
@@ -701,10 +716,8 @@ class PaliGemmaHopperPipeline:
         self.drop_graphs()
         res, dev = ops.residual_dtype, self.device
         self.prefix_x = torch.empty(self.prefix_x.shape, device=dev, dtype=res)
-        self.suffix_x = torch.empty(self.suffix_x.shape, device=dev, dtype=res)
+        self._allocate_suffix(res)
         self.vision_x = torch.empty(self.vision_x.shape, device=dev, dtype=res)
-        if getattr(self, "state_x", None) is not None:
-            self.state_x = torch.empty(self.state_x.shape, device=dev, dtype=res)
 
     def _attention_backends(self):
         if not self.is_cuda or not self._sdpa_backends:
