@@ -5,8 +5,9 @@ Pi0's suffix is [state token, 50 action tokens] with ar = [1, 1, 0 ...]: the sta
 the prefix and itself only, so its K/V do not depend on x_t or t. It rides along in the first
 denoise step (51 rows through the expert's GEMMs, its attention over [prefix; state] only), which
 appends its K/V to the cache; the later steps run the 50 action tokens, which attend, unmasked, to
-[prefix; state; actions]. (A pass of its own, 1 row through 18 layers, cost ~0.4 ms of
-latency-bound kernels on the H100.) Action tokens are
+[prefix; state; actions]. (A pass of its own, 1 row through 18 layers of latency-bound kernels,
+cost the prefix stage 0.5-0.6 ms on the H100; in the first step it costs ~0.2 ms.) Because it runs
+in the denoise loop, cache_frames' denoise-only calls see a fresh state. Action tokens are
 action_time_mlp_out(swish(action_time_mlp_in([action_in_proj(x_t), time_emb]))): action_in_proj
 is folded into the first half of action_time_mlp_in, and the time half (fixed per step) plus
 both biases becomes one precomputed bias per step. Expert norms are plain Gemma RMSNorms whose

@@ -13,7 +13,9 @@ FP8 (default): activation scales come from the first observation (or ``calibrate
 with ``flash_rt.core.quant.calibrator`` keyed by checkpoint fingerprint + options and reused on
 the next load; ``recalibrate()`` drops them. ``use_fp8=False`` runs bf16.
 ``cache_frames=N``: vision + prefix are re-encoded only every N-th call; in between the cached
-prefix KV (images, prompt and state of that call) is reused through a denoise-only graph.
+prefix KV (images and prompt of that call; Pi0.5: its state too, which lives in the prompt) is
+reused through a denoise-only graph. Pi0's state token runs in the first denoise step, so it is
+fresh on every call.
 
 Subclasses (flashrt_pi05 / flashrt_pi0 ``frontend_torch_hopper``) name their pipeline class and
 their model's prompt/state handling. torch is imported lazily (in ``__init__``).
