@@ -22,9 +22,8 @@ import torch
 def main(argv=None):
     from flash_rt.api import VLAModel
     from flash_rt.models.paligemma_tokenizer import STANDIN_TOKENIZER
-    from flash_rt.models.pi_config import PiConfig
     from flash_rt.models.pi_random_weights import random_state_dict
-    from flashrt_pi05.bench import _input_sets, _model_classes
+    from flashrt_pi05.bench import _input_sets, _model_classes, true_size_config
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="pi05", choices=("pi05", "pi0"))
@@ -32,7 +31,7 @@ def main(argv=None):
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args(argv)
-    config = PiConfig(model_type=args.config, max_token_len=200 if args.config == "pi05" else 48)
+    config = true_size_config(args.config)
     checkpoint = SimpleNamespace(config=config, state_dict=random_state_dict(config, device="cuda"),
                                  norm_stats=None, directory=None)
     frontend = _model_classes(args.config)[1](checkpoint, num_views=args.views, use_fp8=True,

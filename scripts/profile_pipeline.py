@@ -131,7 +131,6 @@ def print_case(c):
 
 
 def main(argv=None):
-    from flash_rt.models.pi_config import PiConfig
     from flash_rt.models.pi_random_weights import random_state_dict
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -141,7 +140,7 @@ def main(argv=None):
     ap.add_argument("--prompt-len", type=int, default=65)
     ap.add_argument("--out")
     args = ap.parse_args(argv)
-    config = PiConfig(model_type=args.config, max_token_len=200 if args.config == "pi05" else 48)
+    config = ht.true_size_config(args.config)
     sd = random_state_dict(config, device="cuda")
     cases = []
     for precision in args.precision.split(","):

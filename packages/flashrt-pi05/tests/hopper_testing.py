@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from flash_rt.models.pi_config import GEMMA_VARIANTS, PiConfig, VisionDims
+from flashrt_pi05.bench import true_size_config  # noqa: F401  (the tests and scripts take it from here)
 
 # SigLIP-like but tiny: 56x56 images, 14-pixel patches -> a 4x4 grid (pool factors 2 and 4 divide it).
 TINY_VISION = VisionDims(width=32, depth=3, mlp_dim=64, num_heads=4, patch_size=14, image_size=56)
@@ -38,11 +39,6 @@ def pipeline_class(model_type: str):
     from flashrt_pi0.pipeline_hopper import Pi0HopperPipeline
 
     return Pi0HopperPipeline
-
-
-def true_size_config(model_type: str) -> PiConfig:
-    """The released model's dimensions; prompt + state up to 200 tokens (Pi0.5), 48 (Pi0)."""
-    return PiConfig(model_type=model_type, max_token_len=200 if model_type == "pi05" else 48)
 
 
 def random_reference(config, device="cuda", seed=0):

@@ -52,4 +52,4 @@ class Pi0TorchFrontendHopper(PiTorchFrontendHopperBase):
 
     def _stage_state(self, observation):
         state = observation.get("state") if isinstance(observation, Mapping) else None
-        self.pipeline.state_host.numpy()[...] = self.inputs.padded_state(self.inputs.normalized_state(state))
+        self.pipeline.load_state(self.inputs.normalized_state(state))

@@ -224,6 +224,14 @@ def stage_costs(config, num_views: int, prefix_tokens: int, num_steps: int, weig
     }
 
 
+def true_size_config(model_type: str):
+    """The released model's dimensions; prompt (Pi0.5: with its state) up to 200 tokens, Pi0's 48.
+    The benchmark, its profiling scripts and the true-size GPU tests all build this one."""
+    from flash_rt.models.pi_config import PiConfig  # noqa: PLC0415
+
+    return PiConfig(model_type=model_type, max_token_len=200 if model_type == "pi05" else 48)
+
+
 def smoke_config(config):
     """A tiny model of the same type (openpi's dummy Gemma, a 4x4-patch SigLIP) for --smoke."""
     from dataclasses import replace  # noqa: PLC0415
@@ -320,7 +328,6 @@ def run_bench(args) -> int:
         )
     from flash_rt.api import VLAModel  # noqa: PLC0415
     from flash_rt.models.paligemma_tokenizer import STANDIN_TOKENIZER, PaligemmaTokenizer  # noqa: PLC0415
-    from flash_rt.models.pi_config import PiConfig  # noqa: PLC0415
     from flash_rt.models.pi_random_weights import fill_random_  # noqa: PLC0415
 
     # the fp32 ground truth must be fp32: no TF32 anywhere in this process
@@ -335,7 +342,7 @@ def run_bench(args) -> int:
     compile_views = [int(v) for v in args.compile_views.split(",") if v] if args.compile != "none" else []
     headline_views = 2 if 2 in views_list else views_list[0]
     memory_calls = 10_000 if args.long else (args.memory_calls or 0)
-    config = PiConfig(model_type=args.config, max_token_len=200 if args.config == "pi05" else 48)
+    config = true_size_config(args.config)
     if args.smoke:
         config = smoke_config(config)
     num_steps = args.num_steps or config.num_steps

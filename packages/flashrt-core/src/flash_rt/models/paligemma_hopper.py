@@ -622,8 +622,8 @@ class PaliGemmaHopperPipeline:
         return start.elapsed_time(end)
 
     def last_call_host_marks(self) -> tuple[float, float, float, float]:
-        """``time.perf_counter()`` of the last infer() at its entry, after the launch (graph replay
-        and the D2H enqueued) returned, after the sync returned, and at its return. With the
+        """``time.perf_counter()`` of the last infer() at its entry, after the launch (the graph
+        replay, copies included) returned, after the sync returned, and at its return. With the
         caller's own clock around predict() they split the host time: preprocessing before the
         entry, the launch, the wait (mostly GPU time), and the work after the sync."""
         return self._host_marks
