@@ -14,15 +14,23 @@
 #                                       host time goes (scripts/profile_host.py, cProfile) (~4 min)
 #   bash scripts/gpu_check.sh compile   build, `flashrt bench` for Pi0.5 at 2 views against the reference
 #                                       under torch.compile(max-autotune) (~9 min: its own device call).
-#                                       Its GEMM autotuning results come back as $OUT/inductor_autotune.tgz;
-#                                       put that file in the repository root and carry it, and the next
-#                                       call skips the shapes already tuned (max-autotune needs > 10 min)
+#                                       Inductor's cache (autotuning results, compiled Triton kernels)
+#                                       comes back as $OUT/inductor_cache.tgz; put that file in the
+#                                       repository root and carry it, and the next call on the same card
+#                                       type skips what is done (max-autotune needs > 10 min)
 #   bash scripts/gpu_check.sh all       both, with the model benchmark at BENCH_VIEWS (default 2) only
 #                                       (~5 min: one call that checks everything)
 #   bash scripts/gpu_check.sh build     deps + build + import only (for ad-hoc runs after it)
 #
+#   COMPILE_AFTER=1  (modes models / all) the compile stage last, in whatever the budget has left: a
+#                    start on max-autotune's tuning that a later `compile` call carries on from
+#   MODEL_TESTS=0    (modes models / all) skip the true-size model tests (benchmarks only)
+#   AB_ENV="VAR=value ..."  (modes models / all) after the Pi0.5 bench, the Pi0.5 FP8 bench at
+#                    BENCH_VIEWS under that environment, without it, and under it again: a same-run
+#                    A/B, alternating (results in the logs tarball, ab/; p50s in the summary)
+#
 #   <mode> --with-compile   on a machine with two GPUs: after the one shared build, the `compile` mode
-#                           runs on GPU 1 while <mode> runs on GPU 0 (its results, inductor_autotune.tgz
+#                           runs on GPU 1 while <mode> runs on GPU 0 (its results, inductor_cache.tgz
 #                           included, packed into $OUT/compile.tgz; its summary is appended to ours).
 #                           The max-autotune baseline then costs no device time of its own; its
 #                           compile workers share the CPUs, so host times on GPU 0 may be a little higher.
@@ -41,7 +49,7 @@ collect() {
   if [ -n "$COMPILE_PID" ]; then  # the compile run on GPU 1: wait for it, then its summary, last
     wait "$COMPILE_PID"
     echo; cat "$RESULTS/compile/summary.txt" 2>/dev/null | sed 's/^/[gpu 1] /' | tee -a "$OUT/summary.txt"
-    # one file (the device tool returns few): its JSON, logs and inductor_autotune.tgz
+    # one file (the device tool returns few): its JSON, logs and inductor_cache.tgz
     tar czf "$RESULTS/compile.tgz" -C "$RESULTS" compile && rm -rf "$RESULTS/compile"
   fi
   cp "$OUT"/summary.txt "$OUT"/*.json "$RESULTS"/ 2>/dev/null
@@ -153,9 +161,14 @@ fi
 run_models() {
   t0=$(stamp)
   T_MT=$(limit 200 150)
-  FLASHRT_GPU_REPORT=$OUT/hopper_gpu.jsonl timeout "$T_MT" $PY -m pytest -m gpu -s -q -rfEs -p no:cacheprovider \
-    packages/flashrt-pi05/tests/test_hopper_gpu.py --junitxml="$OUT/pytest_hopper_gpu.xml" > "$OUT/pytest_hopper_gpu.log" 2>&1
-  mt_rc=$?
+  if [ "${MODEL_TESTS:-1}" = 0 ]; then
+    echo "skipped (MODEL_TESTS=0)" > "$OUT/pytest_hopper_gpu.log"
+    mt_rc=0
+  else
+    FLASHRT_GPU_REPORT=$OUT/hopper_gpu.jsonl timeout "$T_MT" $PY -m pytest -m gpu -s -q -rfEs -p no:cacheprovider \
+      packages/flashrt-pi05/tests/test_hopper_gpu.py --junitxml="$OUT/pytest_hopper_gpu.xml" > "$OUT/pytest_hopper_gpu.log" 2>&1
+    mt_rc=$?
+  fi
   mt_line=$(grep -E "(passed|failed|error|skipped|no tests ran)" "$OUT/pytest_hopper_gpu.log" | tail -1)
   t1=$(stamp)
   T_B5=$(limit $(( ${BENCH_PI05_S:-200} + $([ "${BENCH_COMPILE:-none}" = none ] && echo 0 || echo ${BENCH_COMPILE_S:-200}) )) 60)
@@ -164,6 +177,19 @@ run_models() {
     --compile "${BENCH_COMPILE:-none}" --compile-budget-s "${BENCH_COMPILE_S:-200}" \
     --out "$OUT/pi05.json" --plot > "$OUT/bench_pi05.log" 2>&1
   b5_rc=$?
+  ab_lines=""
+  if [ -n "${AB_ENV:-}" ]; then
+    mkdir -p "$OUT/ab"
+    for arm in with without with; do  # after the bench above (without): alternating
+      T_AB=$(limit 45 $(( ${BENCH_PI0_S:-150} / 2 )))
+      # shellcheck disable=SC2086
+      ( [ $arm = with ] && export $AB_ENV; timeout "$T_AB" $PY -m flash_rt.cli bench --config pi05 --views "$BENCH_VIEWS" \
+          --precision fp8 --iters 200 --p99-iters 200 --no-eager --compile none --out "$OUT/ab/$arm.json" \
+          > "$OUT/ab/$arm.log" 2>&1 )
+      ab_lines="$ab_lines
+  $arm $AB_ENV: $(grep -m1 -E "predict p50" "$OUT/ab/$arm.log" | cut -c1-160)"
+    done
+  fi
   T_B0=$(limit ${BENCH_PI0_S:-150} 5)
   timeout "$T_B0" $PY -m flash_rt.cli bench --config pi0 --views "$BENCH_VIEWS" --precision fp8,bf16 --compile none \
     --out "$OUT/pi0.json" > "$OUT/bench_pi0.log" 2>&1
@@ -177,34 +203,47 @@ run_models() {
   grep -E "^(FAILED|ERROR)" "$OUT/pytest_hopper_gpu.log" | head -20 | cut -c1-240 | tee -a "$SUMMARY"
   grep -hE "cos|cosine" "$OUT/pytest_hopper_gpu.log" | head -24 | cut -c1-200 | tee -a "$SUMMARY"
   say "bench pi05: rc=$b5_rc; bench pi0: rc=$b0_rc (in $((t2 - t1)) s)"
+  [ -n "$ab_lines" ] && say "A/B (Pi0.5 FP8, one process each, in this order, after the bench above):$ab_lines"
   tail -18 "$OUT/bench_pi05.log" | tee -a "$SUMMARY"
   tail -14 "$OUT/bench_pi0.log" | tee -a "$SUMMARY"
   [ $build_rc -eq 0 ] && [ $mt_rc -eq 0 ] && [ $b5_rc -eq 0 ] && [ $b0_rc -eq 0 ]
 }
-if [ "$MODE" = models ]; then
-  run_models
-  exit $?
-fi
 
-# 3c. the torch.compile(max-autotune) baseline, alone in a call: its autotuning takes minutes.
-#     Its tuning results come back (inductor_autotune.tgz); a later call that carries them skips
-#     the GEMM shapes already tuned.
-if [ "$MODE" = compile ]; then
+# 3c. the torch.compile(max-autotune) baseline, alone in a call (or after `models` / `all`, COMPILE_AFTER=1): its
+#     autotuning takes minutes. Inductor's cache comes back (inductor_cache.tgz, whole if it fits the
+#     device tool's 16 MiB per file, else without the compiled Triton kernels); a later call that
+#     carries it skips what is done.
+run_compile() {
   export TORCHINDUCTOR_CACHE_DIR="$ROOT/inductor_cache"
-  [ -f inductor_autotune.tgz ] && tar xzf inductor_autotune.tgz
+  [ -f inductor_cache.tgz ] && tar xzf inductor_cache.tgz
   T_C=$(limit 560 15)
-  timeout "$T_C" $PY -m flash_rt.cli bench --config pi05 --views 2 --precision fp8,bf16 --iters 100 \
+  # after `models` / `all` the fast path was just measured: FP8 only here, to leave the time to the tuning
+  timeout "$T_C" $PY -m flash_rt.cli bench --config pi05 --views 2 --precision "$([ "$MODE" = compile ] && echo fp8,bf16 || echo fp8)" --iters 100 \
     --p99-iters 100 --no-eager --compile max-autotune --compile-budget-s $((T_C - 80)) \
     --out "$OUT/pi05_compile.json" > "$OUT/bench_compile.log" 2>&1
   c_rc=$?
-  tar czf "$RESULTS/inductor_autotune.tgz" inductor_cache/cache 2>/dev/null  # the tuning results (small)
+  tar czf "$RESULTS/inductor_cache.tgz" inductor_cache 2>/dev/null
+  if [ "$(stat -c %s "$RESULTS/inductor_cache.tgz" 2>/dev/null || echo 0)" -gt $((15 * 1024 * 1024)) ]; then
+    tar czf "$RESULTS/inductor_cache.tgz" --exclude=inductor_cache/triton inductor_cache 2>/dev/null
+  fi
   echo
   echo "==================== gpu_check compile summary ($(date -u +%FT%TZ)) ===================="
   say "device:  $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
   say "build:   $build_msg"
-  say "compile baseline: rc=$c_rc; GEMM shape sets tuned: $(grep -c "^AUTOTUNE" "$OUT/bench_compile.log")"
+  say "compile baseline: rc=$c_rc in ${T_C} s at most; GEMM shape sets tuned: $(grep -c "^AUTOTUNE" "$OUT/bench_compile.log");" \
+      "inductor_cache.tgz $(du -h "$RESULTS/inductor_cache.tgz" 2>/dev/null | cut -f1)"
   tail -16 "$OUT/bench_compile.log" | tee -a "$SUMMARY"
-  exit $c_rc
+  return $c_rc
+}
+if [ "$MODE" = compile ]; then
+  run_compile
+  exit $?
+fi
+if [ "$MODE" = models ]; then
+  run_models
+  models_rc=$?
+  [ -n "${COMPILE_AFTER:-}" ] && run_compile
+  exit $models_rc
 fi
 
 # 3p. where the time goes: per-kernel profile of the denoise graph, stage replays (the compiled
@@ -280,6 +319,7 @@ kernels_ok=$([ $build_rc -eq 0 ] && [ $test_rc -eq 0 ] && [ $other_rc -eq 0 ] &&
 if [ "$MODE" = all ]; then
   run_models
   models_rc=$?
+  [ -n "${COMPILE_AFTER:-}" ] && run_compile
   [ -n "$kernels_ok" ] && [ $models_rc -eq 0 ]
 else
   [ -n "$kernels_ok" ]
