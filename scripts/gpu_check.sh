@@ -180,14 +180,16 @@ run_models() {
   ab_lines=""
   if [ -n "${AB_ENV:-}" ]; then
     mkdir -p "$OUT/ab"
+    i=0
     for arm in with without with; do  # after the bench above (without): alternating
+      i=$((i + 1))
       T_AB=$(limit 45 $(( ${BENCH_PI0_S:-150} / 2 )))
       # shellcheck disable=SC2086
       ( [ $arm = with ] && export $AB_ENV; timeout "$T_AB" $PY -m flash_rt.cli bench --config pi05 --views "$BENCH_VIEWS" \
-          --precision fp8 --iters 200 --p99-iters 200 --no-eager --compile none --out "$OUT/ab/$arm.json" \
-          > "$OUT/ab/$arm.log" 2>&1 )
+          --precision fp8 --iters 200 --p99-iters 200 --no-eager --compile none --out "$OUT/ab/$i-$arm.json" \
+          > "$OUT/ab/$i-$arm.log" 2>&1 )
       ab_lines="$ab_lines
-  $arm $AB_ENV: $(grep -m1 -E "predict p50" "$OUT/ab/$arm.log" | cut -c1-160)"
+  $arm $AB_ENV: $(grep -m1 -E "predict p50" "$OUT/ab/$i-$arm.log" | cut -c1-160)"
     done
   fi
   T_B0=$(limit ${BENCH_PI0_S:-150} 5)
