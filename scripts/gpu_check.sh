@@ -26,8 +26,8 @@
 #                    start on max-autotune's tuning that a later `compile` call carries on from
 #   MODEL_TESTS=0    (modes models / all) skip the true-size model tests (benchmarks only)
 #   AB_ENV="VAR=value ..."  (modes models / all) after the Pi0.5 bench, the Pi0.5 FP8 bench at
-#                    BENCH_VIEWS under that environment, without it, and under it again: a same-run
-#                    A/B, alternating (results in the logs tarball, ab/; p50s in the summary)
+#                    AB_VIEWS (default 2) under that environment, without it, and under it again: a
+#                    same-run A/B, alternating (results in the logs tarball, ab/; p50s in the summary)
 #
 #   <mode> --with-compile   on a machine with two GPUs: after the one shared build, the `compile` mode
 #                           runs on GPU 1 while <mode> runs on GPU 0 (its results, inductor_cache.tgz
@@ -185,7 +185,7 @@ run_models() {
       i=$((i + 1))
       T_AB=$(limit 45 $(( ${BENCH_PI0_S:-150} / 2 )))
       # shellcheck disable=SC2086
-      ( [ $arm = with ] && export $AB_ENV; timeout "$T_AB" $PY -m flash_rt.cli bench --config pi05 --views "$BENCH_VIEWS" \
+      ( [ $arm = with ] && export $AB_ENV; timeout "$T_AB" $PY -m flash_rt.cli bench --config pi05 --views "${AB_VIEWS:-2}" \
           --precision fp8 --iters 200 --p99-iters 200 --no-eager --compile none --out "$OUT/ab/$i-$arm.json" \
           > "$OUT/ab/$i-$arm.log" 2>&1 )
       ab_lines="$ab_lines

@@ -340,6 +340,9 @@ def run_bench(args) -> int:
     if bad:
         raise ConfigError(f"--precision takes fp8, bf16 or none (comma-separated); got {bad}")
     compile_views = [int(v) for v in args.compile_views.split(",") if v] if args.compile != "none" else []
+    if any(v not in views_list for v in compile_views):
+        raise ConfigError(f"--compile-views {args.compile_views} must be among --views {args.views} (the compiled "
+                          "baseline runs on the same inputs as the fast path); pass --compile none to skip it")
     headline_views = 2 if 2 in views_list else views_list[0]
     memory_calls = 10_000 if args.long else (args.memory_calls or 0)
     config = true_size_config(args.config)
@@ -552,6 +555,8 @@ def _bench_fast_path(args, config, frontend_cls, checkpoint, vla_model_cls, view
         "buckets": lengths, "captures_during_timed_calls": new_captures,
         "build_s": build_s, "first_call_s": first_call_s, "new_bucket_capture_s": new_len_s,
         "attention_backend": frontend.attention_backend, "knobs": knobs,
+        # what autotune timed where two implementations compete (skinny GEMM / cuBLASLt, SDPA / ours)
+        "measured_choices": {"x".join(map(str, k)): v for k, v in getattr(pipe.ops, "gemm_choices", {}).items()},
     }
     model = frontend = pipe = bucket = None  # free the pipeline (and its graphs) before the next case
     _free()
@@ -708,6 +713,9 @@ def _print_entry(e):
             return " ".join(f"{k} {v:.3f}" for k, v in d.items())
         print(f"    host clock (ms): p50 {fmt(c['host_phases_ms_p50'])}; >= p99 {fmt(c['slow_host_phases_ms_mean'])}",
               flush=True)
+    for shape, times in e.get("measured_choices", {}).items():
+        if shape.startswith("attention"):
+            print(f"    {shape}: " + ", ".join(f"{k.removesuffix('_us')} {v:.1f} us" for k, v in times.items()), flush=True)
 
 
 def _print_table(doc):
