@@ -14,8 +14,8 @@
 #                                       host time goes (scripts/profile_host.py, cProfile) (~4 min)
 #   bash scripts/gpu_check.sh compile   build, `flashrt bench` for Pi0.5 at 2 views against the reference
 #                                       under torch.compile(max-autotune) (~9 min: its own device call).
-#                                       Inductor's cache (autotuning results, compiled Triton kernels)
-#                                       comes back as $OUT/inductor_cache.tgz; put that file in the
+#                                       Inductor's cache (tuning results, generated kernels) comes
+#                                       back as $OUT/inductor_cache.tgz; put that file in the
 #                                       repository root and carry it, and the next call on the same card
 #                                       type skips what is done (max-autotune needs > 10 min)
 #   bash scripts/gpu_check.sh all       both, with the model benchmark at BENCH_VIEWS (default 2) only
@@ -185,9 +185,9 @@ run_models() {
       i=$((i + 1))
       T_AB=$(limit 45 $(( ${BENCH_PI0_S:-150} / 2 )))
       # shellcheck disable=SC2086
-      ( [ $arm = with ] && export $AB_ENV; timeout "$T_AB" $PY -m flash_rt.cli bench --config pi05 --views "${AB_VIEWS:-2}" \
-          --precision fp8 --iters 200 --p99-iters 200 --no-eager --compile none --out "$OUT/ab/$i-$arm.json" \
-          > "$OUT/ab/$i-$arm.log" 2>&1 )
+      ( [ $arm = with ] && export $AB_ENV
+        timeout "$T_AB" $PY -m flash_rt.cli bench --config pi05 --views "${AB_VIEWS:-2}" --precision fp8 \
+          --iters 200 --p99-iters 200 --no-eager --compile none --out "$OUT/ab/$i-$arm.json" > "$OUT/ab/$i-$arm.log" 2>&1 )
       ab_lines="$ab_lines
   $arm $AB_ENV: $(grep -m1 -E "predict p50" "$OUT/ab/$i-$arm.log" | cut -c1-160)"
     done
@@ -211,16 +211,17 @@ run_models() {
   [ $build_rc -eq 0 ] && [ $mt_rc -eq 0 ] && [ $b5_rc -eq 0 ] && [ $b0_rc -eq 0 ]
 }
 
-# 3c. the torch.compile(max-autotune) baseline, alone in a call (or after `models` / `all`, COMPILE_AFTER=1): its
+# 3c. the torch.compile(max-autotune) baseline, alone in a call (or last, COMPILE_AFTER=1): its
 #     autotuning takes minutes. Inductor's cache comes back (inductor_cache.tgz, whole if it fits the
-#     device tool's 16 MiB per file, else without the compiled Triton kernels); a later call that
-#     carries it skips what is done.
+#     device tool's 16 MiB per file, else without inductor_cache/triton); a later call that carries
+#     it skips what is done.
 run_compile() {
   export TORCHINDUCTOR_CACHE_DIR="$ROOT/inductor_cache"
   [ -f inductor_cache.tgz ] && tar xzf inductor_cache.tgz
   T_C=$(limit 560 15)
   # after `models` / `all` the fast path was just measured: FP8 only here, to leave the time to the tuning
-  timeout "$T_C" $PY -m flash_rt.cli bench --config pi05 --views 2 --precision "$([ "$MODE" = compile ] && echo fp8,bf16 || echo fp8)" --iters 100 \
+  precisions=$([ "$MODE" = compile ] && echo fp8,bf16 || echo fp8)
+  timeout "$T_C" $PY -m flash_rt.cli bench --config pi05 --views 2 --precision "$precisions" --iters 100 \
     --p99-iters 100 --no-eager --compile max-autotune --compile-budget-s $((T_C - 80)) \
     --out "$OUT/pi05_compile.json" > "$OUT/bench_compile.log" 2>&1
   c_rc=$?
@@ -232,8 +233,9 @@ run_compile() {
   echo "==================== gpu_check compile summary ($(date -u +%FT%TZ)) ===================="
   say "device:  $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
   say "build:   $build_msg"
-  say "compile baseline: rc=$c_rc in ${T_C} s at most; GEMM shape sets tuned: $(grep -c "^AUTOTUNE" "$OUT/bench_compile.log");" \
-      "inductor_cache.tgz $(du -h "$RESULTS/inductor_cache.tgz" 2>/dev/null | cut -f1)"
+  tuned=$(grep -c "^AUTOTUNE" "$OUT/bench_compile.log")
+  cache_size=$(du -h "$RESULTS/inductor_cache.tgz" 2>/dev/null | cut -f1)
+  say "compile baseline: rc=$c_rc in ${T_C} s at most; GEMM shape sets tuned: $tuned; inductor_cache.tgz $cache_size"
   tail -16 "$OUT/bench_compile.log" | tee -a "$SUMMARY"
   return $c_rc
 }
