@@ -40,3 +40,16 @@ def test_bench_smoke_writes_results_with_host_phases(tmp_path, config):
     # eager baseline in the same run, and the speedup rows that refer to it
     assert {b["views"] for b in doc["baselines"] if b["name"].endswith("eager")} == {1, 2}
     assert all("vs_eager" in s for s in doc["speedups"])
+
+
+def test_bench_refuses_compile_views_outside_views():
+    """The compiled baseline runs on the fast path's inputs: a view count the run does not build is
+    refused before any work, with the fix in the message (it used to fail deep in the baseline)."""
+    run = subprocess.run(
+        [sys.executable, "-m", "flash_rt.cli", "bench", "--smoke", "--views", "1", "--precision", "bf16",
+         "--compile", "default", "--compile-views", "2"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode != 0
+    assert "--compile-views 2 must be among --views 1" in run.stderr + run.stdout
+    assert "--compile none" in run.stderr + run.stdout
