@@ -555,8 +555,8 @@ def _bench_fast_path(args, config, frontend_cls, checkpoint, vla_model_cls, view
         "buckets": lengths, "captures_during_timed_calls": new_captures,
         "build_s": build_s, "first_call_s": first_call_s, "new_bucket_capture_s": new_len_s,
         "attention_backend": frontend.attention_backend, "knobs": knobs,
-        # what autotune timed where two implementations compete (skinny GEMM or cuBLASLt, per shape)
-        "measured_choices": {"x".join(map(str, k)): v for k, v in getattr(pipe.ops, "gemm_choices", {}).items()},
+        # what autotune timed per shape, skinny GEMM against cuBLASLt (as profile_pipeline.py records it)
+        "gemm_choices": {"x".join(map(str, k)): v for k, v in getattr(pipe.ops, "gemm_choices", {}).items()},
     }
     model = frontend = pipe = bucket = None  # free the pipeline (and its graphs) before the next case
     _free()
