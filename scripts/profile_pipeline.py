@@ -127,7 +127,7 @@ def print_case(c):
         print(f"{name:60s} {r['count'] / steps:8.1f} {r['us'] / steps:8.1f} {r['us'] / r['count']:8.2f} "
               f"{r['us'] / p['busy_us']:6.1%}")
     for shape, v in c["gemm_choices"].items():
-        print(f"gemm {shape}: skinny {v['skinny_us']:.1f} us, cuBLASLt {v['cublaslt_us']:.1f} us")
+        print(f"{shape}: " + ", ".join(f"{name.removesuffix('_us')} {us:.1f} us" for name, us in v.items()))
 
 
 def main(argv=None):

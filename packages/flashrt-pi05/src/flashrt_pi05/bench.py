@@ -555,7 +555,7 @@ def _bench_fast_path(args, config, frontend_cls, checkpoint, vla_model_cls, view
         "buckets": lengths, "captures_during_timed_calls": new_captures,
         "build_s": build_s, "first_call_s": first_call_s, "new_bucket_capture_s": new_len_s,
         "attention_backend": frontend.attention_backend, "knobs": knobs,
-        # what autotune timed per shape, skinny GEMM against cuBLASLt (as profile_pipeline.py records it)
+        # what autotune timed per shape: skinny GEMM against cuBLASLt, SDPA against our attention
         "gemm_choices": {"x".join(map(str, k)): v for k, v in getattr(pipe.ops, "gemm_choices", {}).items()},
     }
     model = frontend = pipe = bucket = None  # free the pipeline (and its graphs) before the next case
@@ -713,6 +713,9 @@ def _print_entry(e):
             return " ".join(f"{k} {v:.3f}" for k, v in d.items())
         print(f"    host clock (ms): p50 {fmt(c['host_phases_ms_p50'])}; >= p99 {fmt(c['slow_host_phases_ms_mean'])}",
               flush=True)
+    for shape, times in e.get("gemm_choices", {}).items():
+        if shape.startswith("attention"):
+            print(f"    {shape}: " + ", ".join(f"{k.removesuffix('_us')} {v:.1f} us" for k, v in times.items()), flush=True)
 
 
 def _print_table(doc):

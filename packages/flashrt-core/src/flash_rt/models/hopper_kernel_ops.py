@@ -16,6 +16,8 @@ broken build costs speed, never correctness.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from flash_rt.models.hopper_ops import TorchOps
@@ -49,7 +51,7 @@ class KernelOps(TorchOps):
         lse, acc = flashrt_kernels.attention_splitkv_sizes(1, SKINNY_MAX_M, 16, 256)
         self.lse_accum = torch.empty(lse, dtype=torch.float32, device=device)
         self.o_accum = torch.empty(acc, dtype=torch.float32, device=device)
-        self._skinny_choice: dict[tuple, bool] = {}
+        self._choice: dict[tuple, bool] = {}  # _first_is_faster's measured choices
         self.gemm_choices: dict[tuple, dict[str, float]] = {}  # measured shapes, for the bench report
 
     @staticmethod
@@ -104,7 +106,7 @@ class KernelOps(TorchOps):
         def cublaslt():
             self._gemm_lt(h, lin, out, act=act)
 
-        if m <= SKINNY_MAX_M and act is None and self._skinny_is_faster((m, n, k, _dtype(lin)), skinny, cublaslt):
+        if m <= SKINNY_MAX_M and act is None and self._first_is_faster((m, n, k, _dtype(lin)), skinny, cublaslt):
             skinny()
         else:
             cublaslt()
@@ -155,7 +157,7 @@ class KernelOps(TorchOps):
             self.fk.geglu(gate_up.data_ptr(), out.data_ptr(), m, n // 2, out_scale=out_scale, interleaved=True,
                           stream=self._stream())
 
-        if self._skinny_is_faster((m, n, k, _dtype(lin), "geglu"), fused, two_kernels):
+        if self._first_is_faster((m, n, k, _dtype(lin), "geglu"), fused, two_kernels):
             fused()
         else:
             two_kernels()
@@ -175,20 +177,22 @@ class KernelOps(TorchOps):
                                      cache_offset=start, **self._operands(lin))
         return q
 
-    def _skinny_is_faster(self, shape, skinny, cublaslt) -> bool:
-        """Whether the skinny kernel (for gate/up: the skinny GEMM with its GeGLU epilogue) beats
-        cuBLASLt (for gate/up: cuBLASLt + the GeGLU pass) at a shape: measured once per shape
-        (autotune >= 3) on the real operands, outside graph capture. Neither wins on every shape
-        and card (H100, FP8: cuBLASLt won most expert shapes), so neither is assumed."""
-        choice = self._skinny_choice.get(shape)
+    def _first_is_faster(self, shape, first, second, default=True, labels=("skinny_us", "cublaslt_us")) -> bool:
+        """Whether ``first`` beats ``second`` at a shape: the skinny GEMM against cuBLASLt (for
+        gate/up: the skinny GEMM with its GeGLU epilogue against cuBLASLt + the GeGLU pass), torch's
+        SDPA against our prefix attention. Measured once per shape (autotune >= 3) on the real
+        operands, outside graph capture; neither wins on every shape and card (H100, FP8: cuBLASLt
+        won most expert shapes), so neither is assumed. Unmeasured (autotune < 3): ``default``;
+        first met inside a capture: the second."""
+        choice = self._choice.get(shape)
         if choice is not None:
             return choice
         if self.autotune < 3 or torch.cuda.is_current_stream_capturing():
-            return self._skinny_choice.setdefault(shape, self.autotune < 3)
-        times = [_median_us(fn) for fn in (skinny, cublaslt)]
-        self._skinny_choice[shape] = times[0] <= times[1]
-        self.gemm_choices[shape] = {"skinny_us": times[0], "cublaslt_us": times[1]}
-        return self._skinny_choice[shape]
+            return self._choice.setdefault(shape, default and self.autotune < 3)
+        times = [_median_us(fn) for fn in (first, second)]
+        self._choice[shape] = times[0] <= times[1]
+        self.gemm_choices[shape] = dict(zip(labels, times))  # for the bench / profile reports
+        return self._choice[shape]
 
     # norms -------------------------------------------------------------------------------------
     def _norm_out(self, x, lin):
@@ -257,21 +261,45 @@ class KernelOps(TorchOps):
         t, h, d = q.shape
         s, hkv, _ = k.shape
         fp8_out = out_for is not None and out_for.fp8  # written as the FP8 GEMM's input: no quantise pass
-        out = torch.empty((t, h * d), dtype=torch.float8_e4m3fn if fp8_out else torch.bfloat16, device=q.device)
+        out_shape = (t, h * d)
         split = t <= SKINNY_MAX_M and h <= 16  # few queries against a long cache: split the keys
-        if hkv == 1 and q.is_contiguous():
+        folded = hkv == 1 and q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
+        if folded:
             # MQA: every query head reads the same K/V, so fold the heads into rows ([t, h, d] is
             # [t * h, 1, d] in memory). One pass over K/V serves all heads instead of one per head.
             t, h = t * h, 1
-        self.fk.attention(
-            q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), batch=1, seqlen_q=t, seqlen_k=s,
-            num_heads_q=h, num_heads_kv=hkv, head_dim=d, q_strides=(t * h * d, h * d, d),
-            k_strides=(s * hkv * d, hkv * d, d), v_strides=(s * hkv * d, hkv * d, d), o_strides=(t * h * d, h * d, d),
-            softmax_scale=d**-0.5, dtype="bf16", lse_accum=self.lse_accum.data_ptr() if split else 0,
-            o_accum=self.o_accum.data_ptr() if split else 0, num_splits=0 if split else 1,
-            out_scale=out_for.act_scale.data_ptr() if fp8_out else 0, stream=self._stream(),
-        )
-        return out
+
+        def ours():
+            out = torch.empty(out_shape, dtype=torch.float8_e4m3fn if fp8_out else torch.bfloat16, device=q.device)
+            self.fk.attention(
+                q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), batch=1, seqlen_q=t, seqlen_k=s,
+                num_heads_q=h, num_heads_kv=hkv, head_dim=d, q_strides=(t * h * d, h * d, d),
+                k_strides=(s * hkv * d, hkv * d, d), v_strides=(s * hkv * d, hkv * d, d),
+                o_strides=(t * h * d, h * d, d), softmax_scale=d**-0.5, dtype="bf16",
+                lse_accum=self.lse_accum.data_ptr() if split else 0, o_accum=self.o_accum.data_ptr() if split else 0,
+                num_splits=0 if split else 1, out_scale=out_for.act_scale.data_ptr() if fp8_out else 0,
+                stream=self._stream(),
+            )
+            return out
+
+        def sdpa():  # the folded layout is one head of t * h queries: no transposes, no K/V expansion
+            from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: PLC0415
+
+            # cuDNN first: on the H100 it beats torch's flash kernel ~2x at head_dim 256 (BENCH.md)
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                              SDPBackend.EFFICIENT_ATTENTION], set_priority=True):
+                o = torch.nn.functional.scaled_dot_product_attention(
+                    q.view(1, 1, t, d), k.view(1, 1, s, d), v.view(1, 1, s, d))
+            return o.view(out_shape)
+
+        # The prefix (hundreds of queries, bf16 out): torch's SDPA where it measures faster than our
+        # kernel at this shape (autotune >= 3; FLASHRT_ATTN_SDPA=0: never). On the H100 cuDNN beats
+        # our mma.sync kernel there (docs/kernels.md), so the pipeline takes the faster of the two.
+        if (folded and not split and not fp8_out and os.environ.get("FLASHRT_ATTN_SDPA", "1") != "0"
+                and self._first_is_faster(("attention", t, s, d), sdpa, ours, default=False,
+                                          labels=("sdpa_us", "flashrt_us"))):
+            return sdpa()
+        return ours()
 
     def vision_attention(self, qkv, batch, tokens, heads):
         width = qkv.shape[-1] // 3
