@@ -46,6 +46,7 @@ class KernelOps(TorchOps):
         self.fk = flashrt_kernels
         self.device = device
         self.autotune = autotune
+        self.sdpa_allowed = os.environ.get("FLASHRT_ATTN_SDPA", "1") != "0"  # the prefix may run on torch's SDPA
         raw = torch.empty(WORKSPACE_BYTES + 256, dtype=torch.uint8, device=device)
         self.workspace = raw[(-raw.data_ptr()) % 256 :][:WORKSPACE_BYTES]  # cuBLASLt wants 256-byte alignment
         lse, acc = flashrt_kernels.attention_splitkv_sizes(1, SKINNY_MAX_M, 16, 256)
@@ -295,7 +296,7 @@ class KernelOps(TorchOps):
         # The prefix (hundreds of queries, bf16 out): torch's SDPA where it measures faster than our
         # kernel at this shape (autotune >= 3; FLASHRT_ATTN_SDPA=0: never). On the H100 cuDNN beats
         # our mma.sync kernel there (docs/kernels.md), so the pipeline takes the faster of the two.
-        if (folded and not split and not fp8_out and os.environ.get("FLASHRT_ATTN_SDPA", "1") != "0"
+        if (folded and not split and not fp8_out and self.sdpa_allowed
                 and self._first_is_faster(("attention", t, s, d), sdpa, ours, default=False,
                                           labels=("sdpa_us", "flashrt_us"))):
             return sdpa()
