@@ -271,8 +271,10 @@ def _sdpa_cudnn(q, k, v, mask=None):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def case_attention(sq, sk, hq, hkv, d, with_mask=False, split=False):
-    """split: False (one pass), True (split-KV, count chosen by the kernel) or a split count."""
+def case_attention(sq, sk, hq, hkv, d, with_mask=False, split=False, static_keys=0):
+    """split: False (one pass), True (split-KV, count chosen by the kernel) or a split count.
+    static_keys: keys declared written before the previous kernel (their first tiles load before
+    the kernel's wait: back to back under PDL, during the previous call's tail)."""
     flops = 4 * sq * sk * hq * d
     q, k, v = rnd(1, sq, hq, d), rnd(1, sk, hkv, d), rnd(1, sk, hkv, d)
     o = torch.empty_like(q)
@@ -292,7 +294,7 @@ def case_attention(sq, sk, hq, hkv, d, with_mask=False, split=False):
                                  mask_strides=(sk, 0), lse_accum=lse_acc.data_ptr() if split else 0,
                                  o_accum=o_acc.data_ptr() if split else 0,
                                  num_splits=(0 if split is True else int(split)) if split else 1,
-                                 stream=stream())]
+                                 static_keys=static_keys, stream=stream())]
     # Baseline in torch's [B, H, S, D] layout, K/V expanded to the query heads (MQA).
     qt = q.transpose(1, 2).contiguous()
     kt = k.transpose(1, 2).repeat_interleave(hq // hkv, dim=1).contiguous()
@@ -363,6 +365,8 @@ def main() -> int:
          lambda: case_attention(50, 1018, 8, 1, 256, with_mask=True, split=True)),
         # the denoise step's call: 50 queries x 8 heads over 577 prefix + 50 own keys, splits auto
         ("attn decode split", "50x627 q8 kv1 d256", lambda: case_attention(50, 627, 8, 1, 256, split=True)),
+        ("attn decode static", "50x627 q8 kv1 d256",
+         lambda: case_attention(50, 627, 8, 1, 256, split=True, static_keys=577)),
     ]
     if args.sweep:
         for m, k_dim, n in [(50, 1024, 4096), (50, 4096, 1024), (50, 1024, 2048)]:

@@ -13,7 +13,8 @@ namespace flashrt::api {
 int attention(int dtype, Addr q, Addr k, Addr v, Addr o, Strides3 q_strides, Strides3 k_strides,
               Strides3 v_strides, Strides3 o_strides, int batch, int seqlen_q, int seqlen_k, int heads_q,
               int heads_kv, int head_dim, float scale, Addr mask, int64_t mask_batch_stride,
-              int64_t mask_row_stride, Addr lse, Addr lse_accum, Addr o_accum, int num_splits, Addr o_scale, Addr stream) {
+              int64_t mask_row_stride, Addr lse, Addr lse_accum, Addr o_accum, int num_splits, Addr o_scale,
+              int static_keys, Addr stream) {
   AttnParams p;
   p.q = reinterpret_cast<const void*>(q);
   p.k = reinterpret_cast<const void*>(k);
@@ -37,6 +38,7 @@ int attention(int dtype, Addr q, Addr k, Addr v, Addr o, Strides3 q_strides, Str
   p.o_accum = reinterpret_cast<float*>(o_accum);
   p.num_splits = num_splits;
   p.o_scale = reinterpret_cast<const float*>(o_scale);
+  p.static_keys = static_keys;
   auto s = reinterpret_cast<cudaStream_t>(stream);
   if (dtype == 0) return int(attention_bf16(p, head_dim, s));
   if (dtype == 1) return int(attention_fp16(p, head_dim, s));

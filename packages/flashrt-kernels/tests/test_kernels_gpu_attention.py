@@ -327,3 +327,46 @@ def test_attention_fp8_out(sq, sk, splits):
     check(outs[False], ref, atol=2e-2, rtol=2e-2, what="attention bf16 out")
     check_fp8(outs[True], outs[False].float(), scale, what=f"attention fp8 out ({sq}x{sk}, splits {splits})")
     check_rel(outs[True].float() * scale, ref, rel=0.05, what="attention fp8 out vs fp64")
+
+
+@pytest.mark.parametrize("static,splits", [(577, 0), (577, 1), (0, 0), (600, 3)])
+def test_attention_static_keys_after_the_writer_of_the_last_block(static, splits):
+    """A denoise step's chain, captured and replayed as a graph: rope_qkv writes Q and the last 50
+    keys of the cache, then attention over the whole cache, whose first tiles of keys [0, static)
+    are copied before it waits for rope_qkv (programmatic dependent launch). New QKV before every
+    replay: a tile read before rope_qkv's writes landed would give the previous replay's keys."""
+    prefix, t, hq, d = 577, 50, 8, 256
+    sk = prefix + t
+    k_cache, v_cache = rnd(sk, 1, d), rnd(sk, 1, d)
+    qkv = rnd(t, (hq + 2) * d)
+    positions = torch.arange(prefix, sk, device=DEV, dtype=torch.int32)
+    q = poisoned(t, hq, d)
+    o = poisoned(t * hq, 1, d)
+    n_lse, n_o = fk.attention_splitkv_sizes(1, t * hq, 1, d)
+    lse_acc, o_acc = poisoned(n_lse, dtype=F32), poisoned(n_o, dtype=F32)
+    strides = (sk * d, d, d)
+
+    def step(s):
+        fk.rope_qkv(qkv.data_ptr(), positions.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                    t, hq, 1, d, cache_offset=prefix, stream=s)
+        fk.attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), o.data_ptr(), batch=1, seqlen_q=t * hq,
+                     seqlen_k=sk, num_heads_q=1, num_heads_kv=1, head_dim=d, q_strides=(t * hq * d, d, d),
+                     k_strides=strides, v_strides=strides, o_strides=(t * hq * d, d, d), softmax_scale=d**-0.5,
+                     lse_accum=lse_acc.data_ptr(), o_accum=o_acc.data_ptr(), num_splits=splits,
+                     static_keys=static, stream=s)
+
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        step(s.cuda_stream)  # outside the capture: the kernels' one-time attributes
+    s.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=s):
+        step(s.cuda_stream)
+    for replay in range(3):
+        qkv.copy_(rnd(t, (hq + 2) * d))
+        o.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref, _ = attn_ref(q.view(1, t * hq, 1, d), k_cache[None], v_cache[None], d**-0.5, None)
+        check(o[None], ref, atol=2e-2, rtol=2e-2, what=f"replay {replay}, static {static}, splits {splits}")
+        assert torch.equal(v_cache[prefix:], qkv.view(t, hq + 2, d)[:, hq + 1 :]), "the last block is this replay's"

@@ -84,6 +84,14 @@ def test_pipeline_calls_pass_the_kernels_argument_checks(stub_kernels, model_typ
     pipe = cls(random_state_dict(config, seed=0), config, num_views=2, use_fp8=precision != "bf16",
                act_dtype=torch.bfloat16, ops=ops, fp8_keep_bf16=keep)
     assert bool(pipe.fp8_linears()) == (precision != "bf16")
+    attention_keys = []  # (seqlen_k, static_keys) of every attention call
+
+    def attention(*args):
+        stub.calls["attention"] += 1
+        attention_keys.append((args[11], args[24]))
+        return 0
+
+    stub.attention = attention
     bucket = pipe.set_prompt_tokens(list(range(2, 12)))
     pipe.load_inputs(torch.randint(0, 256, (2, 112, 112, 3), dtype=torch.uint8), torch.randn(10, 32),
                      None if model_type == "pi05" else torch.randn(32))
@@ -107,6 +115,11 @@ def test_pipeline_calls_pass_the_kernels_argument_checks(stub_kernels, model_typ
     assert calls["geglu"] == config.paligemma.depth - 1
     assert calls["attention"] >= config.vision.depth + config.paligemma.depth - 1 + depth * steps + pi0 * depth
     assert calls["norm"] >= 2 * config.vision.depth + 2 * depth * steps
+    # the denoise calls declare the cache below their own rows as written before them (the kernel
+    # loads it before waiting for the QKV GEMM); the prefix and SigLIP calls declare nothing
+    decode = [(sk, static) for sk, static in attention_keys if static]
+    assert len(decode) == depth * steps + pi0 * depth
+    assert all(0 < sk - static <= config.action_horizon + pi0 for sk, static in decode)
     # a standalone quantisation runs only where an FP8 GEMM's input comes from no fused producer
     # (Pi0's action tokens, with everything FP8)
     if precision != "fp8":

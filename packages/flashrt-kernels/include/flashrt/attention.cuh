@@ -12,6 +12,11 @@
 // Split-KV: with num_splits > 1 each split handles a contiguous key range and writes an fp32
 // partial O and its log-sum-exp; a second kernel combines them (decode-style: few query tiles).
 //
+// static_keys: keys [0, static_keys) were written before the previous kernel of the stream (a
+// denoise step's cached prefix; only its own block is the previous kernel's output). A block whose
+// first key tile lies there copies that tile's K and V before griddepcontrol.wait, so the copies
+// overlap the previous kernel's tail instead of following it.
+//
 // Two "halves" of 4 warps per block share the 64 query rows and split the key tiles (half h takes
 // tiles h, h + 2, ...): twice the warps per SM on prefix grids of ~100 blocks, with Q loaded once.
 // Each half pipelines its own tiles (one K and one V buffer each, its own barrier): V_j loads while
@@ -45,6 +50,7 @@ struct AttnParams {
   float* lse_accum = nullptr;  // [splits, B, Hq, Sq]
   float* o_accum = nullptr;    // [splits, B, Hq, Sq, D]
   const float* o_scale = nullptr;  // non-null: O is written as E4M3 at this scale (O / scale), same strides
+  int static_keys = 0;  // keys [0, static_keys) do not depend on the previous kernel (see above)
   int num_splits = 1;
   int keys_per_split = 0;
 };
@@ -137,7 +143,6 @@ struct Shape {
 template <typename T, int D, int H>
 __global__ void __launch_bounds__(H * kAttnHalfThreads) attn_fwd_kernel(AttnParams p) {
   constexpr int kAttnThreads = H * kAttnHalfThreads;
-  pdl_wait();
   using S = Shape<D>;
   constexpr int BM = kAttnBlockM, BN = S::kBlockN, LD = S::kLd, DP = S::kDp;
   constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
@@ -167,6 +172,37 @@ __global__ void __launch_bounds__(H * kAttnHalfThreads) attn_fwd_kernel(AttnPara
     for (int i = threadIdx.x; i < (BM + 2 * H * BN) * (DP - D); i += kAttnThreads)
       sQ[(i / (DP - D)) * LD + D + i % (DP - D)] = T(0.0f);
   }
+
+  // K or V rows key0 .. key0 + BN - 1 -> dst, zero past k_end. Same scheme: a fixed chunk per
+  // thread, and each further row is one pointer step.
+  constexpr int kKvStep = kAttnHalfThreads / S::kChunks;
+  auto load_kv = [&](T* dst, const T* src, int64_t row_stride, int key0) {
+    if constexpr (kAttnHalfThreads % S::kChunks == 0 && BN % kKvStep == 0) {
+      const int ch = tid % S::kChunks, r0 = tid / S::kChunks;
+      const T* from = src + int64_t(key0 + r0) * row_stride + ch * 8;
+      T* to = dst + r0 * LD + ch * 8;
+#pragma unroll
+      for (int i = 0; i < BN / kKvStep; ++i) {
+        const bool ok = key0 + r0 + i * kKvStep < k_end;
+        cp_async_16(to + i * kKvStep * LD, ok ? from + i * kKvStep * row_stride : src, ok);
+      }
+    } else {
+      for (int i = tid; i < BN * S::kChunks; i += kAttnHalfThreads) {
+        const int r = i / S::kChunks, ch = i % S::kChunks;
+        const bool ok = key0 + r < k_end;
+        cp_async_16(dst + r * LD + ch * 8, src + (ok ? key0 + r : 0) * row_stride + ch * 8, ok);
+      }
+    }
+  };
+  // This half's first K and V tiles, before the wait where no key in them is the previous kernel's.
+  // Only at wide heads (the decode calls: head_dim 256): at d = 32 and 72 the extra path made ptxas spill.
+  const bool early = D >= 128 && n_tiles > 0 && k_begin + (half + 1) * BN <= p.static_keys;
+  if (early) {
+    load_kv(sK, k, p.k_sr, k_begin + half * BN);
+    load_kv(sV, v, p.v_sr, k_begin + half * BN);
+    cp_async_commit();
+  }
+  pdl_wait();  // Q (and the keys past static_keys) belong to the previous kernel
 
   // Q tile -> shared memory. Where the row's 16-byte chunk count divides the thread count, a thread
   // copies one fixed chunk of every kQStep-th row, so a row costs a compare and a multiply-add; the
@@ -201,28 +237,7 @@ __global__ void __launch_bounds__(H * kAttnHalfThreads) attn_fwd_kernel(AttnPara
       cp_async_16(sQ + r * LD + ch * 8, ok ? q_src(pr, ch, std::false_type{}) : q, ok);
     }
   }
-  // K or V rows key0 .. key0 + BN - 1 -> dst, zero past k_end. Same scheme: a fixed chunk per
-  // thread, and each further row is one pointer step.
-  constexpr int kKvStep = kAttnHalfThreads / S::kChunks;
-  auto load_kv = [&](T* dst, const T* src, int64_t row_stride, int key0) {
-    if constexpr (kAttnHalfThreads % S::kChunks == 0 && BN % kKvStep == 0) {
-      const int ch = tid % S::kChunks, r0 = tid / S::kChunks;
-      const T* from = src + int64_t(key0 + r0) * row_stride + ch * 8;
-      T* to = dst + r0 * LD + ch * 8;
-#pragma unroll
-      for (int i = 0; i < BN / kKvStep; ++i) {
-        const bool ok = key0 + r0 + i * kKvStep < k_end;
-        cp_async_16(to + i * kKvStep * LD, ok ? from + i * kKvStep * row_stride : src, ok);
-      }
-    } else {
-      for (int i = tid; i < BN * S::kChunks; i += kAttnHalfThreads) {
-        const int r = i / S::kChunks, ch = i % S::kChunks;
-        const bool ok = key0 + r < k_end;
-        cp_async_16(dst + r * LD + ch * 8, src + (ok ? key0 + r : 0) * row_stride + ch * 8, ok);
-      }
-    }
-  };
-  if (n_tiles > 0) load_kv(sK, k, p.k_sr, k_begin + half * BN);  // in flight with Q: one wait for both
+  if (n_tiles > 0 && !early) load_kv(sK, k, p.k_sr, k_begin + half * BN);  // in flight with Q: one wait
   cp_async_commit();
   cp_async_wait_all();
   __syncthreads();  // Q (loaded by both halves), K_0 and the zeroed padding are visible to all
@@ -246,7 +261,7 @@ __global__ void __launch_bounds__(H * kAttnHalfThreads) attn_fwd_kernel(AttnPara
     const int key0 = k_begin + (H * j + half) * BN;
     cp_async_wait_all();
     half_sync(half);  // K_j landed; every warp of the half is done with V_{j-1}
-    load_kv(sV, v, p.v_sr, key0);
+    if (j > 0 || !early) load_kv(sV, v, p.v_sr, key0);
     cp_async_commit();
 
     float s[BN / 8][4];
@@ -545,6 +560,7 @@ inline cudaError_t attention_launch_dh(AttnParams p, cudaStream_t stream) {
   // A split's keys are a whole number of tiles per half, so the halves finish together (with an odd
   // tile count one half idles through the other's last tile and waits at the merge): the requested
   // keys per split, rounded to the nearest such unit, within the scratch buffers' split limit.
+  p.static_keys = std::max(0, std::min(p.static_keys, p.seqlen_k));
   const int splits = std::max(1, std::min(p.num_splits, kAttnMaxSplits));
   const int unit = H * S::kBlockN;
   const int64_t want = ceil_div(int64_t(p.seqlen_k), splits);

@@ -437,7 +437,8 @@ def attention(q: int, k: int, v: int, o: int, *, batch: int, seqlen_q: int, seql
               num_heads_kv: int, head_dim: int, q_strides: Sequence[int], k_strides: Sequence[int],
               v_strides: Sequence[int], o_strides: Sequence[int], softmax_scale: float, dtype: str = "bf16",
               mask: int = 0, mask_strides: Sequence[int] = (0, 0), softmax_lse: int = 0, lse_accum: int = 0,
-              o_accum: int = 0, num_splits: int = 1, num_sms: int = 0, out_scale: int = 0, stream: int = 0) -> int:
+              o_accum: int = 0, num_splits: int = 1, num_sms: int = 0, out_scale: int = 0, static_keys: int = 0,
+              stream: int = 0) -> int:
     """Attention forward: O = softmax(scale * Q K^T, masked) V with Hq / Hkv query heads per KV head.
 
     Tensors [batch, seq, heads, head_dim] with any (batch, row, head) element strides and a contiguous
@@ -445,8 +446,11 @@ def attention(q: int, k: int, v: int, o: int, *, batch: int, seqlen_q: int, seql
     i * mask_strides[1] + j (row stride 0 = a key-padding mask). softmax_lse: fp32 [B, Hq, Sq] or 0.
     Split-KV (decode-style): num_splits > 1, or 0 = choose from the grid; needs lse_accum / o_accum
     scratch sized by ``attention_splitkv_sizes``. out_scale: 0, or a device fp32 scale: O is then written
-    as E4M3 (O / scale, saturated; same element strides), the input of an FP8 GEMM. Returns the split
-    count requested (see ``attention_num_splits``).
+    as E4M3 (O / scale, saturated; same element strides), the input of an FP8 GEMM. static_keys: keys
+    [0, static_keys) were written before the previous kernel of the stream (a decode step's cached
+    prefix), so their first tiles are loaded before the kernel waits for that kernel (programmatic
+    dependent launch); 0 (default) for keys the previous kernel may write. Returns the split count
+    requested (see ``attention_num_splits``).
     """
     dt = _choice("dtype", dtype, ATTN_DTYPES)
     if head_dim not in ATTN_HEAD_DIMS:
@@ -458,6 +462,7 @@ def attention(q: int, k: int, v: int, o: int, *, batch: int, seqlen_q: int, seql
     _need_size("num_heads_q", num_heads_q, multiple=num_heads_kv)
     if len(tuple(mask_strides)) != 2 or any((not isinstance(s, int)) or s < 0 for s in mask_strides):
         raise ValueError(f"mask_strides: expected (batch_stride, row_stride) >= 0, got {mask_strides!r}")
+    _need_size("static_keys", static_keys, minimum=0)
     if not isinstance(num_splits, int) or not 0 <= num_splits <= attention_max_splits():
         raise ValueError(f"num_splits: expected 0 (auto) .. {attention_max_splits()}, got {num_splits!r}")
     has_scratch = bool(lse_accum) and bool(o_accum)
@@ -474,6 +479,6 @@ def attention(q: int, k: int, v: int, o: int, *, batch: int, seqlen_q: int, seql
                       _need_ptr("mask", mask, 1, True), int(mask_strides[0]), int(mask_strides[1]),
                       _need_ptr("softmax_lse", softmax_lse, 4, True), _need_ptr("lse_accum", lse_accum, 16, True),
                       _need_ptr("o_accum", o_accum, 16, True), num_splits,
-                      _need_ptr("out_scale", out_scale, 4, True), _stream(stream))
+                      _need_ptr("out_scale", out_scale, 4, True), int(static_keys), _stream(stream))
     _raise_if(rc, "attention")
     return num_splits

@@ -47,6 +47,8 @@ class KernelOps(TorchOps):
         self.device = device
         self.autotune = autotune
         self.sdpa_allowed = os.environ.get("FLASHRT_ATTN_SDPA", "1") != "0"  # the prefix may run on torch's SDPA
+        # the decode attention copies its first cached-prefix K/V tiles before waiting for the QKV GEMM
+        self.attn_prefetch = os.environ.get("FLASHRT_ATTN_PREFETCH", "1") != "0"
         raw = torch.empty(WORKSPACE_BYTES + 256, dtype=torch.uint8, device=device)
         self.workspace = raw[(-raw.data_ptr()) % 256 :][:WORKSPACE_BYTES]  # cuBLASLt wants 256-byte alignment
         lse, acc = flashrt_kernels.attention_splitkv_sizes(1, SKINNY_MAX_M, 16, 256)
@@ -256,7 +258,7 @@ class KernelOps(TorchOps):
                          t, num_heads, hkv, hd, cache_offset=start, stream=self._stream())
         return q
 
-    def attention(self, q, k, v, *, out_for=None):
+    def attention(self, q, k, v, *, out_for=None, static_keys=0):
         if self.calibrating or q.dtype != torch.bfloat16 or q.shape[-1] not in (64, 72, 128, 256):
             return super().attention(q, k, v, out_for=out_for)
         t, h, d = q.shape
@@ -279,7 +281,7 @@ class KernelOps(TorchOps):
                 o_strides=(t * h * d, h * d, d), softmax_scale=d**-0.5, dtype="bf16",
                 lse_accum=self.lse_accum.data_ptr() if split else 0, o_accum=self.o_accum.data_ptr() if split else 0,
                 num_splits=0 if split else 1, out_scale=out_for.act_scale.data_ptr() if fp8_out else 0,
-                stream=self._stream(),
+                static_keys=static_keys if self.attn_prefetch else 0, stream=self._stream(),
             )
             return out
 

@@ -249,9 +249,12 @@ class TorchOps:
         c, s = cos[:, None, :], sin[:, None, :]
         return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out_for: Linear | None = None):
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, out_for: Linear | None = None,
+                  static_keys: int = 0):
         """Unmasked attention of q (T, H, D) over k, v (S, Hkv, D); returns (T, H * D) (``out_for``:
         the GEMM that reads it; the kernels may return its input format, here act_dtype).
+        ``static_keys``: keys [0, static_keys) were written before the previous op (a scheduling
+        hint for the kernels; no effect on the result).
 
         With one KV head (Gemma's MQA) and no mask, every head attends to the same keys, so the
         H heads are just H * T queries of one head: no transposes, no GQA expansion."""

@@ -404,11 +404,13 @@ class PaliGemmaHopperPipeline:
                     cos=self.rope_cos[start : start + n], sin=self.rope_sin[start : start + n],
                     positions=self.positions[start : start + n])
 
-    def _attend(self, q, layer, kv_len, out_for=None):
+    def _attend(self, q, layer, kv_len, out_for=None, static_keys=0):
         """q (T, H, D) over the first kv_len cached keys of ``layer`` -> (T, H * D), in the format
-        ``out_for`` (the GEMM that reads it) takes where the ops can write that directly."""
+        ``out_for`` (the GEMM that reads it) takes where the ops can write that directly. Keys
+        [0, static_keys) were written before the op that wrote q (the kernels load them earlier)."""
         if self.attention_backend is None:
-            return self.ops.attention(q, self.k_layers[layer][:kv_len], self.v_layers[layer][:kv_len], out_for=out_for)
+            return self.ops.attention(q, self.k_layers[layer][:kv_len], self.v_layers[layer][:kv_len], out_for=out_for,
+                                      static_keys=static_keys)
         t = q.shape[0]
         self.q_slot[:t].copy_(q)
         stream = torch.cuda.current_stream().cuda_stream if self.is_cuda else 0
@@ -495,13 +497,13 @@ class PaliGemmaHopperPipeline:
     def _attend_suffix(self, q, layer, start, head_rows, out_for=None):
         """The suffix's attention: every row over [0, start + T), except the first ``head_rows``,
         which see [0, start + head_rows) (two calls, their outputs stacked)."""
-        end = start + q.shape[0]
+        end = start + q.shape[0]  # the cache up to start is the prefix (and earlier rows): not this step's QKV GEMM's
         if head_rows == 0:
-            return self._attend(q, layer, end, out_for=out_for)
-        head = self._attend(q[:head_rows], layer, start + head_rows, out_for=out_for)
+            return self._attend(q, layer, end, out_for=out_for, static_keys=start)
+        head = self._attend(q[:head_rows], layer, start + head_rows, out_for=out_for, static_keys=start)
         if self.attention_backend is not None:
             head = head.clone()  # the backend's O slot is reused by the next call
-        rest = self._attend(q[head_rows:], layer, end, out_for=out_for)
+        rest = self._attend(q[head_rows:], layer, end, out_for=out_for, static_keys=start)
         if head.dtype == torch.float8_e4m3fn:  # cat has no FP8 kernel: stack the bytes
             return torch.cat([head.view(torch.uint8), rest.view(torch.uint8)]).view(head.dtype)
         return torch.cat([head, rest])
