@@ -25,9 +25,10 @@
 #   COMPILE_AFTER=1  (modes models / all) the compile stage last, in whatever the budget has left: a
 #                    start on max-autotune's tuning that a later `compile` call carries on from
 #   MODEL_TESTS=0    (modes models / all) skip the true-size model tests (benchmarks only)
-#   AB_ENV="VAR=value ..."  (modes models / all) after the Pi0.5 bench, the Pi0.5 FP8 bench at
-#                    AB_VIEWS (default 2) under that environment, without it, and under it again: a
-#                    same-run A/B, alternating (results in the logs tarball, ab/; p50s in the summary)
+#   AB_ENV="VAR=value ...[; VAR=value ...]"  (modes models / all) after the Pi0.5 bench, the Pi0.5
+#                    FP8 bench at AB_VIEWS (default 2) under each ';'-separated environment, then without
+#                    any, then under each again: a same-run A/B, alternating (results in the logs
+#                    tarball, ab/; p50s in the summary)
 #
 #   <mode> --with-compile   on a machine with two GPUs: after the one shared build, the `compile` mode
 #                           runs on GPU 1 while <mode> runs on GPU 0 (its results, inductor_cache.tgz
@@ -180,16 +181,21 @@ run_models() {
   ab_lines=""
   if [ -n "${AB_ENV:-}" ]; then
     mkdir -p "$OUT/ab"
+    # AB_ENV="A=0 B=1; C=0": experiments separated by ';', each arm one process. Order: every
+    # experiment, the plain run, every experiment again (after the bench above: alternating).
+    IFS=';' read -r -a experiments <<< "$AB_ENV"
+    arms=("${experiments[@]}" "" "${experiments[@]}")
     i=0
-    for arm in with without with; do  # after the bench above (without): alternating
+    for env_set in "${arms[@]}"; do
       i=$((i + 1))
+      env_set=$(echo "$env_set" | xargs)  # trimmed; empty: the plain run
       T_AB=$(limit 45 $(( ${BENCH_PI0_S:-150} / 2 )))
       # shellcheck disable=SC2086
-      ( [ $arm = with ] && export $AB_ENV
+      ( [ -n "$env_set" ] && export $env_set
         timeout "$T_AB" $PY -m flash_rt.cli bench --config pi05 --views "${AB_VIEWS:-2}" --precision fp8 \
-          --iters 200 --p99-iters 200 --no-eager --compile none --out "$OUT/ab/$i-$arm.json" > "$OUT/ab/$i-$arm.log" 2>&1 )
+          --iters 200 --p99-iters 200 --no-eager --compile none --out "$OUT/ab/$i.json" > "$OUT/ab/$i.log" 2>&1 )
       ab_lines="$ab_lines
-  $arm $AB_ENV: $(grep -m1 -E "predict p50" "$OUT/ab/$i-$arm.log" | cut -c1-160)"
+  ${env_set:-(plain)}: $(grep -m1 -E "predict p50" "$OUT/ab/$i.log" | cut -c1-160)"
     done
   fi
   T_B0=$(limit ${BENCH_PI0_S:-150} 5)
