@@ -21,6 +21,8 @@
 #   bash scripts/gpu_check.sh all       both, with the model benchmark at BENCH_VIEWS (default 2) only
 #                                       (~5 min: one call that checks everything)
 #   bash scripts/gpu_check.sh build     deps + build + import only (for ad-hoc runs after it)
+#   bash scripts/gpu_check.sh ab        build, AB_TESTS (pytest arguments, optional), the AB_ENV A/B
+#                                       only (~2-3 min: the cheapest measurement of a switch)
 #
 #   COMPILE_AFTER=1  (modes models / all) the compile stage last, in whatever the budget has left: a
 #                    start on max-autotune's tuning that a later `compile` call carries on from
@@ -157,6 +159,30 @@ if [ -n "$WITH_COMPILE" ]; then
   fi
 fi
 
+# The same-run A/B of AB_ENV (modes models / all / ab): sets ab_lines for the summary.
+run_ab() {
+  ab_lines=""
+  if [ -n "${AB_ENV:-}" ]; then
+    mkdir -p "$OUT/ab"
+    # AB_ENV="A=0 B=1; C=0": experiments separated by ';', each arm one process. Order: every
+    # experiment, the plain run, every experiment again (after the bench above: alternating).
+    IFS=';' read -r -a experiments <<< "$AB_ENV"
+    arms=("${experiments[@]}" "" "${experiments[@]}")
+    i=0
+    for env_set in "${arms[@]}"; do
+      i=$((i + 1))
+      env_set=$(echo "$env_set" | xargs)  # trimmed; empty: the plain run
+      T_AB=$(limit 45 $(( ${BENCH_PI0_S:-150} / 2 )))
+      # shellcheck disable=SC2086
+      ( [ -n "$env_set" ] && export $env_set
+        timeout "$T_AB" $PY -m flash_rt.cli bench --config pi05 --views "${AB_VIEWS:-2}" --precision fp8 \
+          --iters 200 --p99-iters 200 --no-eager --compile none --out "$OUT/ab/$i.json" > "$OUT/ab/$i.log" 2>&1 )
+      ab_lines="$ab_lines
+  ${env_set:-(plain)}: $(grep -m1 -E "predict p50" "$OUT/ab/$i.log" | cut -c1-160)"
+    done
+  fi
+}
+
 # 3m. true-size model tests and benchmarks (the product's proof: correctness vs the fp32
 #     reference per view count and precision, then the speed of record)
 run_models() {
@@ -178,26 +204,7 @@ run_models() {
     --compile "${BENCH_COMPILE:-none}" --compile-budget-s "${BENCH_COMPILE_S:-200}" \
     --out "$OUT/pi05.json" --plot > "$OUT/bench_pi05.log" 2>&1
   b5_rc=$?
-  ab_lines=""
-  if [ -n "${AB_ENV:-}" ]; then
-    mkdir -p "$OUT/ab"
-    # AB_ENV="A=0 B=1; C=0": experiments separated by ';', each arm one process. Order: every
-    # experiment, the plain run, every experiment again (after the bench above: alternating).
-    IFS=';' read -r -a experiments <<< "$AB_ENV"
-    arms=("${experiments[@]}" "" "${experiments[@]}")
-    i=0
-    for env_set in "${arms[@]}"; do
-      i=$((i + 1))
-      env_set=$(echo "$env_set" | xargs)  # trimmed; empty: the plain run
-      T_AB=$(limit 45 $(( ${BENCH_PI0_S:-150} / 2 )))
-      # shellcheck disable=SC2086
-      ( [ -n "$env_set" ] && export $env_set
-        timeout "$T_AB" $PY -m flash_rt.cli bench --config pi05 --views "${AB_VIEWS:-2}" --precision fp8 \
-          --iters 200 --p99-iters 200 --no-eager --compile none --out "$OUT/ab/$i.json" > "$OUT/ab/$i.log" 2>&1 )
-      ab_lines="$ab_lines
-  ${env_set:-(plain)}: $(grep -m1 -E "predict p50" "$OUT/ab/$i.log" | cut -c1-160)"
-    done
-  fi
+  run_ab
   T_B0=$(limit ${BENCH_PI0_S:-150} 5)
   timeout "$T_B0" $PY -m flash_rt.cli bench --config pi0 --views "$BENCH_VIEWS" --precision fp8,bf16 --compile none \
     --out "$OUT/pi0.json" > "$OUT/bench_pi0.log" 2>&1
@@ -248,6 +255,24 @@ run_compile() {
 if [ "$MODE" = compile ]; then
   run_compile
   exit $?
+fi
+if [ "$MODE" = ab ]; then  # the A/B alone (and AB_TESTS, pytest arguments run first): the cheapest call
+  ab_tests=""
+  if [ -n "${AB_TESTS:-}" ]; then
+    # shellcheck disable=SC2086
+    timeout "$(limit 90 60)" $PY -m pytest -m gpu -q -rfEs -p no:cacheprovider $AB_TESTS > "$OUT/pytest_ab.log" 2>&1
+    ab_tests="rc=$? $(grep -E "(passed|failed|error|skipped|no tests ran)" "$OUT/pytest_ab.log" | tail -1)"
+  fi
+  run_ab
+  echo
+  echo "==================== gpu_check ab summary ($(date -u +%FT%TZ)) ===================="
+  say "device:  $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
+  say "build:   $build_msg"
+  [ -n "$ab_tests" ] && say "tests ($AB_TESTS): $ab_tests"
+  grep -E "^(FAILED|ERROR)" "$OUT/pytest_ab.log" 2>/dev/null | head -10 | cut -c1-220 | tee -a "$SUMMARY"
+  say "A/B (Pi0.5 FP8, one process each, in this order):$ab_lines"
+  for f in "$OUT"/ab/*.log; do grep -E "^    [a-z0-9]+x.*: " "$f" | head -4 | sed "s|^|  $(basename "$f" .log): |"; done | tee -a "$SUMMARY"
+  exit 0
 fi
 if [ "$MODE" = models ]; then
   run_models
