@@ -49,8 +49,6 @@ class KernelOps(TorchOps):
         self.sdpa_allowed = os.environ.get("FLASHRT_ATTN_SDPA", "1") != "0"  # the prefix may run on torch's SDPA
         # the decode attention copies its first cached-prefix K/V tiles before waiting for the QKV GEMM
         self.attn_prefetch = os.environ.get("FLASHRT_ATTN_PREFETCH", "1") != "0"
-        # measured choices time each candidate replayed in a CUDA graph, as the pipeline runs it
-        self.tune_in_graph = os.environ.get("FLASHRT_TUNE_IN_GRAPH", "1") != "0"
         raw = torch.empty(WORKSPACE_BYTES + 256, dtype=torch.uint8, device=device)
         self.workspace = raw[(-raw.data_ptr()) % 256 :][:WORKSPACE_BYTES]  # cuBLASLt wants 256-byte alignment
         lse, acc = flashrt_kernels.attention_splitkv_sizes(1, SKINNY_MAX_M, 16, 256)
@@ -194,7 +192,7 @@ class KernelOps(TorchOps):
             return choice
         if self.autotune < 3 or torch.cuda.is_current_stream_capturing():
             return self._choice.setdefault(shape, default and self.autotune < 3)
-        times = [_median_us(fn, graph=self.tune_in_graph) for fn in (first, second)]
+        times = [_median_us(fn) for fn in (first, second)]
         self._choice[shape] = times[0] <= times[1]
         self.gemm_choices[shape] = dict(zip(labels, times))  # for the bench / profile reports
         return self._choice[shape]
@@ -327,35 +325,19 @@ def _dtype(lin) -> str:
     return "fp8" if lin.fp8 else "bf16"
 
 
-def _median_us(fn, reps: int = 9, calls: int = 20, graph: bool = True) -> float:
-    """Median GPU time of one call, over reps of ``calls`` back-to-back calls, captured once in a
-    CUDA graph and replayed (as the pipeline runs them: no host time, programmatic dependent launch
-    between the kernels). The warm-up calls before the capture make every plan, tuning and nested
-    measured choice ``fn`` needs. graph=False: the calls are launched from Python behind a GPU sleep
-    instead, which a candidate of several Python-launched ops can outrun (its time is then host time)."""
+def _median_us(fn, reps: int = 9, calls: int = 20) -> float:
+    """Median GPU time of one call, over reps of ``calls`` back-to-back calls. The stream first
+    sleeps on the GPU while the host enqueues them all, so the calls run back to back as in a graph
+    replay: timing host launches (~10-20 us from Python) would hide the kernels' differences."""
     for _ in range(3):
         fn()
-    replay = None
-    if graph:
-        g = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(g):
-                for _ in range(calls):
-                    fn()
-            replay = g.replay
-        except RuntimeError:  # a candidate that cannot be captured: timed from Python instead
-            torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(reps):
-        if replay is None:
-            torch.cuda._sleep(2_000_000)  # ~1 ms of GPU cycles: longer than enqueueing the calls
+        torch.cuda._sleep(2_000_000)  # ~1 ms of GPU cycles: longer than enqueueing the calls
         start.record()
-        if replay is None:
-            for _ in range(calls):
-                fn()
-        else:
-            replay()
+        for _ in range(calls):
+            fn()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / calls)
