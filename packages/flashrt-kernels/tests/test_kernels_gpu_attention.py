@@ -329,7 +329,7 @@ def test_attention_fp8_out(sq, sk, splits):
     check_rel(outs[True].float() * scale, ref, rel=0.05, what="attention fp8 out vs fp64")
 
 
-@pytest.mark.parametrize("static,splits", [(577, 0), (577, 1), (0, 0), (600, 3)])
+@pytest.mark.parametrize("static,splits", [(577, 0), (577, 1), (0, 0), (560, 3)])  # static <= the prefix
 def test_attention_static_keys_after_the_writer_of_the_last_block(static, splits):
     """A denoise step's chain, captured and replayed as a graph: rope_qkv writes Q and the last 50
     keys of the cache, then attention over the whole cache, whose first tiles of keys [0, static)
