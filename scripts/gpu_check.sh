@@ -165,7 +165,7 @@ run_ab() {
   if [ -n "${AB_ENV:-}" ]; then
     mkdir -p "$OUT/ab"
     # AB_ENV="A=0 B=1; C=0": experiments separated by ';', each arm one process. Order: every
-    # experiment, the plain run, every experiment again (after the bench above: alternating).
+    # experiment, the plain run, every experiment again (alternating, so drift hits both sides).
     IFS=';' read -r -a experiments <<< "$AB_ENV"
     arms=("${experiments[@]}" "" "${experiments[@]}")
     i=0
