@@ -477,7 +477,9 @@ def self_check(device) -> dict[str, float]:
         out[f"rope_q_t{t}"] = cos(qk.float(), qr.float())
         out[f"rope_k_t{t}"] = cos(kc[0][start : start + t].float(), kc[1][start : start + t].float())
         end = start + t
-        out[f"attention_t{t}"] = cos(kern.attention(qk, kc[0][:end], vc[0][:end]).float(),
+        # the suffix-like call declares the cache below it static, as the pipeline does (rope_qkv
+        # just wrote rows [start, end)): the path that loads those tiles before the PDL wait
+        out[f"attention_t{t}"] = cos(kern.attention(qk, kc[0][:end], vc[0][:end], static_keys=start).float(),
                                      ref.attention(qr, kc[1][:end], vc[1][:end]).float())
     # the same through the fused QKV GEMM + RoPE (rows ordered for it), and attention with FP8 out
     qkv_w = rnd((heads + 2) * hd, width, dtype=torch.float32, scale=width**-0.5)
@@ -496,7 +498,7 @@ def self_check(device) -> dict[str, float]:
     out["linear_rope_v"] = cos(vc[0][start : start + 50].float(), vc[1][start : start + 50].float())
     o_lin = make_linear("o", rnd(width, heads * hd, dtype=torch.float32), None, act_dtype=bf, device=device, fp8=True)
     static_scale(o_lin, 2.0)
-    a8 = kern.attention(qk, kc[0][: start + 50], vc[0][: start + 50], out_for=o_lin)
+    a8 = kern.attention(qk, kc[0][: start + 50], vc[0][: start + 50], out_for=o_lin, static_keys=start)
     out["attention_fp8_out"] = cos(a8.float() * o_lin.act_scale, ref.attention(qr, kc[1][: start + 50],
                                                                                 vc[1][: start + 50]).float())
     qkv = rnd(2 * 256, 3 * 1152)
