@@ -27,7 +27,7 @@
 #   COMPILE_AFTER=1  (modes models / all) the compile stage last, in whatever the budget has left: a
 #                    start on max-autotune's tuning that a later `compile` call carries on from
 #   MODEL_TESTS=0    (modes models / all) skip the true-size model tests (benchmarks only)
-#   AB_ENV="VAR=value ...[; VAR=value ...]"  (modes models / all) after the Pi0.5 bench, the Pi0.5
+#   AB_ENV="VAR=value ...[; VAR=value ...]"  (modes models / all / ab) after the Pi0.5 bench, the Pi0.5
 #                    FP8 bench at AB_VIEWS (default 2) under each ';'-separated environment, then without
 #                    any, then under each again: a same-run A/B, alternating (results in the logs
 #                    tarball, ab/; p50s in the summary)
@@ -258,10 +258,12 @@ if [ "$MODE" = compile ]; then
 fi
 if [ "$MODE" = ab ]; then  # the A/B alone (and AB_TESTS, pytest arguments run first): the cheapest call
   ab_tests=""
+  ab_rc=0
   if [ -n "${AB_TESTS:-}" ]; then
     # shellcheck disable=SC2086
     timeout "$(limit 90 60)" $PY -m pytest -m gpu -q -rfEs -p no:cacheprovider $AB_TESTS > "$OUT/pytest_ab.log" 2>&1
-    ab_tests="rc=$? $(grep -E "(passed|failed|error|skipped|no tests ran)" "$OUT/pytest_ab.log" | tail -1)"
+    ab_rc=$?
+    ab_tests="rc=$ab_rc $(grep -E "(passed|failed|error|skipped|no tests ran)" "$OUT/pytest_ab.log" | tail -1)"
   fi
   run_ab
   echo
@@ -271,8 +273,11 @@ if [ "$MODE" = ab ]; then  # the A/B alone (and AB_TESTS, pytest arguments run f
   [ -n "$ab_tests" ] && say "tests ($AB_TESTS): $ab_tests"
   grep -E "^(FAILED|ERROR)" "$OUT/pytest_ab.log" 2>/dev/null | head -10 | cut -c1-220 | tee -a "$SUMMARY"
   say "A/B (Pi0.5 FP8, one process each, in this order):$ab_lines"
-  for f in "$OUT"/ab/*.log; do grep -E "^    [a-z0-9]+x.*: " "$f" | head -4 | sed "s|^|  $(basename "$f" .log): |"; done | tee -a "$SUMMARY"
-  exit 0
+  for f in "$OUT"/ab/*.log; do
+    [ -f "$f" ] && grep -E "^    [a-z0-9]+x.*: " "$f" | head -4 | sed "s|^|  $(basename "$f" .log): |"
+  done | tee -a "$SUMMARY"
+  [ $build_rc -eq 0 ] && [ $ab_rc -eq 0 ]  # the call's status: the build and the tests (the A/B only measures)
+  exit $?
 fi
 if [ "$MODE" = models ]; then
   run_models
