@@ -17,6 +17,7 @@ broken build costs speed, never correctness.
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
@@ -46,7 +47,7 @@ class KernelOps(TorchOps):
         self.fk = flashrt_kernels
         self.device = device
         self.autotune = autotune
-        self.sdpa_allowed = os.environ.get("FLASHRT_ATTN_SDPA", "1") != "0"  # the prefix may run on torch's SDPA
+        self.sdpa_allowed = os.environ.get("FLASHRT_ATTN_SDPA", "1") != "0"  # prefix / SigLIP may take torch SDPA
         # the decode attention copies its first cached-prefix K/V tiles before waiting for the QKV GEMM
         self.attn_prefetch = os.environ.get("FLASHRT_ATTN_PREFETCH", "1") != "0"
         raw = torch.empty(WORKSPACE_BYTES + 256, dtype=torch.uint8, device=device)
@@ -304,21 +305,37 @@ class KernelOps(TorchOps):
             return sdpa()
         return ours()
 
-    def vision_attention(self, qkv, batch, tokens, heads):
+    def vision_attention(self, qkv, batch, tokens, heads, *, out_for=None):
         width = qkv.shape[-1] // 3
         hd = width // heads
         if self.calibrating or qkv.dtype != torch.bfloat16 or not qkv.is_contiguous() or hd % 8:
-            return super().vision_attention(qkv, batch, tokens, heads)
-        out = torch.empty((batch * tokens, width), dtype=torch.bfloat16, device=qkv.device)
-        base, esize = qkv.data_ptr(), qkv.element_size()
-        strides = (tokens * 3 * width, 3 * width, hd)
-        self.fk.attention(
-            base, base + width * esize, base + 2 * width * esize, out.data_ptr(), batch=batch, seqlen_q=tokens,
-            seqlen_k=tokens, num_heads_q=heads, num_heads_kv=heads, head_dim=hd, q_strides=strides,
-            k_strides=strides, v_strides=strides, o_strides=(tokens * width, width, hd), softmax_scale=hd**-0.5,
-            dtype="bf16", num_splits=1, stream=self._stream(),
-        )
-        return out
+            return super().vision_attention(qkv, batch, tokens, heads, out_for=out_for)
+        fp8_out = out_for is not None and out_for.fp8  # the FP8 o projection's input, no quantise pass
+
+        def ours():
+            out = torch.empty((batch * tokens, width), dtype=torch.float8_e4m3fn if fp8_out else torch.bfloat16,
+                              device=qkv.device)
+            base, esize = qkv.data_ptr(), qkv.element_size()
+            strides = (tokens * 3 * width, 3 * width, hd)
+            self.fk.attention(
+                base, base + width * esize, base + 2 * width * esize, out.data_ptr(), batch=batch, seqlen_q=tokens,
+                seqlen_k=tokens, num_heads_q=heads, num_heads_kv=heads, head_dim=hd, q_strides=strides,
+                k_strides=strides, v_strides=strides, o_strides=(tokens * width, width, hd), softmax_scale=hd**-0.5,
+                dtype="bf16", num_splits=1, out_scale=out_for.act_scale.data_ptr() if fp8_out else 0,
+                stream=self._stream(),
+            )
+            return out
+
+        def sdpa():
+            return super(KernelOps, self).vision_attention(qkv, batch, tokens, heads)
+
+        # SigLIP's 256-token images (head_dim 72): torch's SDPA (cuDNN) where it measures faster, as
+        # for the prefix; bf16 out only (an FP8 o projection takes ours, which writes its input).
+        if (not fp8_out and self.sdpa_allowed
+                and self._first_is_faster(("vision_attention", batch, tokens, heads, hd), sdpa, ours, default=False,
+                                          labels=("sdpa_us", "flashrt_us"))):
+            return sdpa()
+        return ours()
 
 
 def _dtype(lin) -> str:
@@ -328,13 +345,22 @@ def _dtype(lin) -> str:
 def _median_us(fn, reps: int = 9, calls: int = 20) -> float:
     """Median GPU time of one call, over reps of ``calls`` back-to-back calls. The stream first
     sleeps on the GPU while the host enqueues them all, so the calls run back to back as in a graph
-    replay: timing host launches (~10-20 us from Python) would hide the kernels' differences."""
+    replay: timing host launches (~10-20 us from Python) would hide the kernels' differences. The
+    sleep lasts twice the host's enqueue time of the calls (measured here): a fixed ~1 ms was at
+    times shorter than enqueueing 20 calls of torch's SDPA, whose time then became the host's (31 to
+    274 us against its usual 21; in one H100 run 5 of 17 prefix-attention choices went to our
+    kernel, 13 us slower per layer)."""
     for _ in range(3):
         fn()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    enqueue_ms = (time.perf_counter() - t0) * 1e3
+    sleep_cycles = int(max(1.0, 2.0 * enqueue_ms) * _sleep_cycles_per_ms())
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(reps):
-        torch.cuda._sleep(2_000_000)  # ~1 ms of GPU cycles: longer than enqueueing the calls
+        torch.cuda._sleep(sleep_cycles)
         start.record()
         for _ in range(calls):
             fn()
@@ -342,6 +368,21 @@ def _median_us(fn, reps: int = 9, calls: int = 20) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / calls)
     return sorted(times)[reps // 2]
+
+
+_SLEEP_RATE: dict[int, float] = {}  # torch.cuda._sleep cycles per ms, per device
+
+
+def _sleep_cycles_per_ms() -> float:
+    device = torch.cuda.current_device()
+    if device not in _SLEEP_RATE:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(4_000_000)
+        end.record()
+        end.synchronize()
+        _SLEEP_RATE[device] = 4_000_000 / max(start.elapsed_time(end), 1e-3)
+    return _SLEEP_RATE[device]
 
 
 def kernels_available(device) -> tuple[bool, str]:
