@@ -27,6 +27,7 @@
 #   COMPILE_AFTER=1  (modes models / all) the compile stage last, in whatever the budget has left: a
 #                    start on max-autotune's tuning that a later `compile` call carries on from
 #   MODEL_TESTS=0    (modes models / all) skip the true-size model tests (benchmarks only)
+#   PROFILE_HOST=0   (mode profile) skip the host-time profile of predict()
 #   AB_ENV="VAR=value ...[; VAR=value ...]"  (modes models / all / ab) after the Pi0.5 bench, the Pi0.5
 #                    FP8 bench at AB_VIEWS (default 2) under each ';'-separated environment, then without
 #                    any, then under each again: a same-run A/B, alternating (results in the logs
@@ -294,14 +295,14 @@ if [ "$MODE" = profile ]; then
     --precision fp8,bf16 --out "$OUT/profile.json" > "$OUT/profile.log" 2>&1
   p_rc=$?
   T_H=$(limit 90 5)
-  timeout "$T_H" $PY scripts/profile_host.py --config "${PROFILE_CONFIG:-pi05}" --views 2 --calls 300 \
+  [ "${PROFILE_HOST:-1}" = 0 ] || timeout "$T_H" $PY scripts/profile_host.py --config "${PROFILE_CONFIG:-pi05}" --views 2 --calls 300 \
     > "$OUT/profile_host.log" 2>&1
   echo
   echo "==================== gpu_check profile summary ($(date -u +%FT%TZ)) ===================="
   say "device:  $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
   say "build:   $build_msg"
   say "profile: rc=$p_rc"
-  cat "$OUT/profile.log" | grep -v Warning | tail -60 | tee -a "$SUMMARY"
+  cat "$OUT/profile.log" | grep -v Warning | tail -100 | tee -a "$SUMMARY"
   say "host profile of predict() (scripts/profile_host.py):"
   grep -v Warning "$OUT/profile_host.log" | tail -20 | cut -c1-160 | tee -a "$SUMMARY"
   exit $p_rc

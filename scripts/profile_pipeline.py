@@ -2,8 +2,8 @@
 
 For Pi0.5 / Pi0 at true size (random weights drawn on the GPU), per precision:
   * the stages' graph replay times (vision, prefix, denoise, the whole call), CUDA events, median;
-  * one replay of the denoise-only graph under the PyTorch profiler (CUPTI): every kernel of the
-    graph with its duration, summed by kernel name per denoise step, and the span of the replay
+  * one replay of each stage's graph (vision, prefix, denoise) under the PyTorch profiler (CUPTI):
+    every kernel of the graph with its duration, summed by kernel name, and the span of the replay
     against the sum of its kernels: span - busy = the time between kernels (launch gaps), which a
     fused or persistent kernel would recover; busy = the time fusion inside kernels must recover.
 
@@ -19,6 +19,8 @@ import importlib.util
 import json
 import re
 import statistics
+import subprocess
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -100,7 +102,8 @@ def run_case(config, sd, views, precision, prompt_len, seed=0):
            "prefix_tokens": pipe.prefix_len(bucket), "steps": pipe.num_steps, "stages_ms": {}}
     for kind in ("full", "vision", "prefix", "denoise"):
         out["stages_ms"][kind] = _median_replay_ms(pipe._graph(bucket, kind))
-    out["denoise_profile"] = _profile_graph(pipe._graph(bucket, "denoise"))
+    for kind in ("vision", "prefix", "denoise"):
+        out[f"{kind}_profile"] = _profile_graph(pipe._graph(bucket, kind))
     gemm_choices = getattr(pipe.ops, "gemm_choices", {})
     out["gemm_choices"] = {"x".join(map(str, k)): v for k, v in gemm_choices.items()}
     del pipe
@@ -114,18 +117,19 @@ def print_case(c):
           f"{c['steps']} steps ==")
     print(f"graph replay ms: full {s['full']:.2f}  vision {s['vision']:.2f}  prefix {s['prefix']:.2f}  "
           f"denoise {s['denoise']:.2f}")
-    p = c["denoise_profile"]
-    if p is None:
-        print("profiler saw no kernels in the graph replay")
-        return
-    steps = c["steps"]
-    print(f"denoise replay under the profiler: span {p['span_us'] / 1e3:.2f} ms, kernels busy {p['busy_us'] / 1e3:.2f} ms, "
-          f"gaps {(p['span_us'] - p['busy_us']) / 1e3:.2f} ms over {p['kernels']} kernels "
-          f"({(p['span_us'] - p['busy_us']) / max(p['kernels'], 1):.2f} us each)")
-    print(f"{'kernel':60s} {'per step':>8s} {'us/step':>8s} {'us each':>8s} {'share':>6s}")
-    for name, r in list(p["by_name"].items())[:16]:
-        print(f"{name:60s} {r['count'] / steps:8.1f} {r['us'] / steps:8.1f} {r['us'] / r['count']:8.2f} "
-              f"{r['us'] / p['busy_us']:6.1%}")
+    for kind, per, top in (("vision", 1, 8), ("prefix", 1, 8), ("denoise", c["steps"], 12)):
+        p = c[f"{kind}_profile"]
+        if p is None:
+            print(f"profiler saw no kernels in the {kind} replay")
+            continue
+        gaps = p["span_us"] - p["busy_us"]
+        print(f"{kind} replay under the profiler: span {p['span_us'] / 1e3:.2f} ms, kernels busy {p['busy_us'] / 1e3:.2f} "
+              f"ms, gaps {gaps / 1e3:.2f} ms over {p['kernels']} kernels ({gaps / max(p['kernels'], 1):.2f} us each)")
+        unit = "step" if per > 1 else "call"
+        print(f"  {'kernel':58s} {'per ' + unit:>8s} {'us/' + unit:>8s} {'us each':>8s} {'share':>6s}")
+        for name, r in list(p["by_name"].items())[:top]:
+            print(f"  {name:58s} {r['count'] / per:8.1f} {r['us'] / per:8.1f} {r['us'] / r['count']:8.2f} "
+                  f"{r['us'] / p['busy_us']:6.1%}")
     for shape, v in c["gemm_choices"].items():
         print(f"{shape}: " + ", ".join(f"{name.removesuffix('_us')} {us:.1f} us" for name, us in v.items()))
 
@@ -149,8 +153,13 @@ def main(argv=None):
             print_case(case)
             cases.append(case)
     if args.out:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=ROOT)
         with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "cases": cases}, f, indent=1)
+            json.dump({"device": torch.cuda.get_device_name(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                       "commit": commit.stdout.strip() + (" (with local changes)" if dirty.stdout.strip() else ""),
+                       "cases": cases}, f, indent=1)
 
 
 if __name__ == "__main__":
