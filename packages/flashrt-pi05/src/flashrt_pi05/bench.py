@@ -68,6 +68,8 @@ def add_bench_parser(subparsers) -> None:
     p.add_argument("--ops", default="auto",
                    help="comma-separated op sets of the fast path: auto (compiled kernels when they pass their "
                         "self-check, else torch), torch, kernels")
+    p.add_argument("--autotune", type=int, choices=(0, 3, 5), default=3,
+                   help="the fast path's autotune level, as load_model's (default 3)")
     p.add_argument("--knobs", action="store_true", help="also measure vision_pool_factor / vision_num_layers / cache_frames")
     p.add_argument("--num-steps", type=int, default=None)
     p.add_argument("--state-dim", type=int, default=8, help="robot state dims (Pi0.5: discretised into the prompt)")
@@ -365,7 +367,8 @@ def run_bench(args) -> int:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "settings": {
-            "num_steps": num_steps, "action_horizon": config.action_horizon, "prompt": args.prompt,
+            "num_steps": num_steps, "action_horizon": config.action_horizon, "autotune": args.autotune,
+            "prompt": args.prompt,
             "state_dim": args.state_dim, "iters": args.iters, "headline_views": headline_views,
             "headline_iters": max(args.iters, args.p99_iters), "memory_calls": memory_calls,
             "weights": f"random, true size, seed {args.seed}", "tokenizer": "stand-in SentencePiece model",
@@ -460,7 +463,7 @@ def _bench_fast_path(args, config, frontend_cls, checkpoint, vla_model_cls, view
     _reset_peak()
     t0 = time.perf_counter()
     frontend = frontend_cls(checkpoint, num_views=views, use_fp8=precision == "fp8", num_steps=num_steps,
-                            tokenizer=str(STANDIN_TOKENIZER), autotune=3, ops=ops)
+                            tokenizer=str(STANDIN_TOKENIZER), autotune=args.autotune, ops=ops)
     build_s = time.perf_counter() - t0
     model = vla_model_cls(frontend, framework="torch", config=config.model_type, arch="hopper")
     pipe = frontend.pipeline
