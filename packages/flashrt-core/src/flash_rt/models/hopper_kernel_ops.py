@@ -305,24 +305,21 @@ class KernelOps(TorchOps):
             return sdpa()
         return ours()
 
-    def vision_attention(self, qkv, batch, tokens, heads, *, out_for=None):
+    def vision_attention(self, qkv, batch, tokens, heads):
         width = qkv.shape[-1] // 3
         hd = width // heads
         if self.calibrating or qkv.dtype != torch.bfloat16 or not qkv.is_contiguous() or hd % 8:
-            return super().vision_attention(qkv, batch, tokens, heads, out_for=out_for)
-        fp8_out = out_for is not None and out_for.fp8  # the FP8 o projection's input, no quantise pass
+            return super().vision_attention(qkv, batch, tokens, heads)
 
         def ours():
-            out = torch.empty((batch * tokens, width), dtype=torch.float8_e4m3fn if fp8_out else torch.bfloat16,
-                              device=qkv.device)
+            out = torch.empty((batch * tokens, width), dtype=torch.bfloat16, device=qkv.device)
             base, esize = qkv.data_ptr(), qkv.element_size()
             strides = (tokens * 3 * width, 3 * width, hd)
             self.fk.attention(
                 base, base + width * esize, base + 2 * width * esize, out.data_ptr(), batch=batch, seqlen_q=tokens,
                 seqlen_k=tokens, num_heads_q=heads, num_heads_kv=heads, head_dim=hd, q_strides=strides,
                 k_strides=strides, v_strides=strides, o_strides=(tokens * width, width, hd), softmax_scale=hd**-0.5,
-                dtype="bf16", num_splits=1, out_scale=out_for.act_scale.data_ptr() if fp8_out else 0,
-                stream=self._stream(),
+                dtype="bf16", num_splits=1, stream=self._stream(),
             )
             return out
 
@@ -330,10 +327,9 @@ class KernelOps(TorchOps):
             return super(KernelOps, self).vision_attention(qkv, batch, tokens, heads)
 
         # SigLIP's 256-token images (head_dim 72): torch's SDPA (cuDNN) where it measures faster, as
-        # for the prefix; bf16 out only (an FP8 o projection takes ours, which writes its input).
-        if (not fp8_out and self.sdpa_allowed
-                and self._first_is_faster(("vision_attention", batch, tokens, heads, hd), sdpa, ours, default=False,
-                                          labels=("sdpa_us", "flashrt_us"))):
+        # for the prefix.
+        if self.sdpa_allowed and self._first_is_faster(("vision_attention", batch, tokens, heads, hd), sdpa, ours,
+                                                       default=False, labels=("sdpa_us", "flashrt_us")):
             return sdpa()
         return ours()
 

@@ -272,9 +272,8 @@ class TorchOps:
         out = F.scaled_dot_product_attention(qh, kh, vh)
         return out[0].transpose(0, 1).reshape(t, h * d)
 
-    def vision_attention(self, qkv: torch.Tensor, batch: int, tokens: int, heads: int, *,
-                         out_for: Linear | None = None) -> torch.Tensor:
-        """SigLIP: independent images; qkv (B * T, 3 W) -> (B * T, W) (``out_for``: as in attention)."""
+    def vision_attention(self, qkv: torch.Tensor, batch: int, tokens: int, heads: int) -> torch.Tensor:
+        """SigLIP: independent images; qkv (B * T, 3 W) -> (B * T, W)."""
         width = qkv.shape[-1] // 3
         hd = width // heads
         q, k, v = qkv.view(batch, tokens, 3, heads, hd).unbind(2)

@@ -367,7 +367,7 @@ class PaliGemmaHopperPipeline:
         y = None  # the pending residual: each norm adds the previous block's output first
         for layer in self.vision:
             qkv = ops.linear(ops.layer_norm(x, lin=layer.qkv, y=y), layer.qkv)
-            attn = ops.vision_attention(qkv, nv, g * g, v.num_heads, out_for=layer.o)
+            attn = ops.vision_attention(qkv, nv, g * g, v.num_heads)
             y = ops.linear(attn, layer.o)
             h = ops.layer_norm(x, lin=layer.fc1, y=y)
             y = ops.linear(ops.linear(h, layer.fc1, act="gelu_tanh", out_for=layer.fc2), layer.fc2)
