@@ -59,7 +59,7 @@ def _short(name: str) -> str:
     return short.split("::")[-1][:60] or name[:60]
 
 
-def _profile_graph(graph):
+def _profile_graph(graph, head=24):
     from torch.profiler import ProfilerActivity, profile
 
     graph.replay()
@@ -79,8 +79,12 @@ def _profile_graph(graph):
         r["count"] += 1
         r["us"] += e.time_range.elapsed_us()
     busy = sum(r["us"] for r in rows.values())
+    # the first kernels in launch order: one layer's sequence, so kernels that share a name (the
+    # GEMMs of one tile shape) are told apart by where they run
+    ordered = sorted(kernels, key=lambda e: e.time_range.start)[:head]
     return {"span_us": end - start, "busy_us": busy, "kernels": len(kernels),
-            "by_name": dict(sorted(rows.items(), key=lambda kv: -kv[1]["us"]))}
+            "by_name": dict(sorted(rows.items(), key=lambda kv: -kv[1]["us"])),
+            "first": [[_short(e.name), round(e.time_range.elapsed_us(), 2)] for e in ordered]}
 
 
 def run_case(config, sd, views, precision, prompt_len, seed=0):
@@ -130,6 +134,7 @@ def print_case(c):
         for name, r in list(p["by_name"].items())[:top]:
             print(f"  {name:58s} {r['count'] / per:8.1f} {r['us'] / per:8.1f} {r['us'] / r['count']:8.2f} "
                   f"{r['us'] / p['busy_us']:6.1%}")
+        print("  first kernels in launch order (us): " + ", ".join(f"{n} {us:.1f}" for n, us in p["first"][:12]))
     for shape, v in c["gemm_choices"].items():
         print(f"{shape}: " + ", ".join(f"{name.removesuffix('_us')} {us:.1f} us" for name, us in v.items()))
 
