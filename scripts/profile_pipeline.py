@@ -134,7 +134,7 @@ def print_case(c):
         for name, r in list(p["by_name"].items())[:top]:
             print(f"  {name:58s} {r['count'] / per:8.1f} {r['us'] / per:8.1f} {r['us'] / r['count']:8.2f} "
                   f"{r['us'] / p['busy_us']:6.1%}")
-        print("  first kernels in launch order (us): " + ", ".join(f"{n} {us:.1f}" for n, us in p["first"][:12]))
+        print("  first kernels in launch order (us): " + ", ".join(f"{n} {us:.1f}" for n, us in p["first"]))
     for shape, v in c["gemm_choices"].items():
         print(f"{shape}: " + ", ".join(f"{name.removesuffix('_us')} {us:.1f} us" for name, us in v.items()))
 
