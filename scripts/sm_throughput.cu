@@ -16,37 +16,31 @@
 constexpr int kIters = 4096;
 constexpr int kChains = 8;
 
-// cvt.rn.f16x2.e4m3x2: one instruction, 2 values.
-__global__ void cvt_kernel(uint32_t* out, uint32_t seed) {
-  uint32_t v[kChains];
-  for (int c = 0; c < kChains; ++c) v[c] = seed + threadIdx.x * 7 + c;
-  for (int i = 0; i < kIters; ++i) {
-#pragma unroll
-    for (int c = 0; c < kChains; ++c) {
-      uint32_t r;
-      asm volatile("{\n .reg .b16 lo;\n mov.b32 {lo, _}, %1;\n cvt.rn.f16x2.e4m3x2 %0, lo;\n}\n" : "=r"(r) : "r"(v[c]));
-      v[c] = r;
-    }
-  }
-  uint32_t acc = 0;
-  for (int c = 0; c < kChains; ++c) acc ^= v[c];
-  out[blockIdx.x * blockDim.x + threadIdx.x] = acc;
+// cvt.rn.f16x2.e4m3x2: one instruction, 2 values (the low two bytes of x).
+__device__ __forceinline__ uint32_t unpack_cvt(uint32_t x) {
+  uint32_t r;
+  asm volatile("{\n .reg .b16 lo;\n mov.b32 {lo, _}, %1;\n cvt.rn.f16x2.e4m3x2 %0, lo;\n}\n" : "=r"(r) : "r"(x));
+  return r;
 }
 
 // The integer version of the same unpack: bytes to the high byte of each 16-bit lane (prmt), down
 // one bit, the sign from bit 14 to 15 (add bit 14 to itself): 2 values in 4 instructions, exact for
 // finite E4M3, which it yields times 2^-8 (the exponent biases differ by 8; subnormals included).
-__global__ void bits_kernel(uint32_t* out, uint32_t seed) {
+__device__ __forceinline__ uint32_t unpack_int(uint32_t x) {
+  uint32_t z;
+  asm volatile("prmt.b32 %0, %1, 0, 0x1404;\n" : "=r"(z) : "r"(x));  // [b1 0 b0 0]
+  const uint32_t a = z >> 1;
+  return a + (a & 0x40004000u);
+}
+
+// Throughput of one unpack: kChains independent chains a thread, each feeding the next.
+template <uint32_t (*Unpack)(uint32_t)>
+__global__ void unpack_kernel(uint32_t* out, uint32_t seed) {
   uint32_t v[kChains];
   for (int c = 0; c < kChains; ++c) v[c] = seed + threadIdx.x * 7 + c;
   for (int i = 0; i < kIters; ++i) {
 #pragma unroll
-    for (int c = 0; c < kChains; ++c) {
-      uint32_t z;
-      asm volatile("prmt.b32 %0, %1, 0, 0x1404;\n" : "=r"(z) : "r"(v[c]));  // [b1 0 b0 0]
-      const uint32_t a = z >> 1;
-      v[c] = a + (a & 0x40004000u);  // the sign from bit 14 to 15
-    }
+    for (int c = 0; c < kChains; ++c) v[c] = Unpack(v[c]);
   }
   uint32_t acc = 0;
   for (int c = 0; c < kChains; ++c) acc ^= v[c];
@@ -95,10 +89,7 @@ __global__ void check_bits_kernel(int* mismatches) {
   const uint32_t x = blockIdx.x * blockDim.x + threadIdx.x;
   if (x >= 65536u) return;
   if ((x & 0x7F) == 0x7F || ((x >> 8) & 0x7F) == 0x7F) return;
-  uint32_t r, z;
-  asm("{\n .reg .b16 lo;\n mov.b32 {lo, _}, %1;\n cvt.rn.f16x2.e4m3x2 %0, lo;\n}\n" : "=r"(r) : "r"(x));
-  asm("prmt.b32 %0, %1, 0, 0x1404;\n" : "=r"(z) : "r"(x));
-  const uint32_t a = z >> 1, b = a + (a & 0x40004000u);
+  const uint32_t r = unpack_cvt(x), b = unpack_int(x);
   const __half2 hc = *reinterpret_cast<const __half2*>(&r), hb = *reinterpret_cast<const __half2*>(&b);
   const float2 fc = __half22float2(hc), fb = __half22float2(hb);
   if (fb.x * 256.0f != fc.x || fb.y * 256.0f != fc.y) atomicAdd(mismatches, 1);
@@ -135,9 +126,9 @@ int main() {
     printf("%-44s %8.3f ms  %8.1f %s per clock per SM\n", what, ms, per_clk, unit);
   };
   printf("%s: %d SMs, clock %.0f MHz (reported; per-clock numbers assume it)\n", prop.name, sms, clock_khz / 1e3);
-  float ms = time_ms([&] { cvt_kernel<<<blocks, threads>>>(static_cast<uint32_t*>(buf), 1); });
+  float ms = time_ms([&] { unpack_kernel<unpack_cvt><<<blocks, threads>>>(static_cast<uint32_t*>(buf), 1); });
   report("cvt.rn.f16x2.e4m3x2 (2 values each)", ms, per_sm_thread_ops, "instr");
-  ms = time_ms([&] { bits_kernel<<<blocks, threads>>>(static_cast<uint32_t*>(buf), 1); });
+  ms = time_ms([&] { unpack_kernel<unpack_int><<<blocks, threads>>>(static_cast<uint32_t*>(buf), 1); });
   report("prmt + shift/and/or unpack (2 values each)", ms, per_sm_thread_ops, "unpacks");
   ms = time_ms([&] { mma_kernel<<<blocks, threads>>>(static_cast<float*>(buf), 1); });
   report("mma.sync m16n8k16 f16->f32 (4096 MAC each)", ms, double(threads / 32) * (kIters / 4) * kChains,
