@@ -68,3 +68,43 @@ def test_measured_time_is_the_gpu_time_whatever_the_host_cost(sim, host_us, gpu_
 
 def test_the_sleep_rate_is_calibrated_from_the_device(sim):
     assert hko._sleep_cycles_per_ms() == pytest.approx(CYCLES_PER_MS, rel=0.01)
+
+
+def _ops(autotune: int) -> hko.KernelOps:
+    """A KernelOps with only the state its measured choices use (no kernels, no GPU)."""
+    ops = object.__new__(hko.KernelOps)
+    ops.autotune, ops._choice, ops.gemm_choices = autotune, {}, {}
+    return ops
+
+
+def test_fastest_of_several_candidates_is_measured_once_and_kept(sim, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    gpu_us = {"splits_2_us": 9.0, "splits_4_us": 6.5, "splits_10_us": 7.5, "splits_auto_us": 7.5}
+    timed = []
+
+    def candidate(label):
+        def call():
+            timed.append(label)
+            sim.enqueue(gpu_us[label] / 1e3, 0.03)
+        return call
+
+    ops = _ops(autotune=3)
+    candidates = {label: candidate(label) for label in gpu_us}
+    assert ops._fastest(("attention_splits", 400), candidates, "splits_auto_us") == "splits_4_us"
+    assert ops.gemm_choices[("attention_splits", 400)]["splits_2_us"] == pytest.approx(9.0, rel=0.01)
+    calls = len(timed)
+    assert ops._fastest(("attention_splits", 400), candidates, "splits_auto_us") == "splits_4_us"
+    assert len(timed) == calls, "a shape's choice is measured once, then remembered"
+
+
+@pytest.mark.parametrize(("autotune", "capturing"), [(0, False), (3, True)])
+def test_fastest_unmeasured_falls_back_without_timing(monkeypatch, autotune, capturing):
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
+
+    def never():
+        raise AssertionError("nothing is timed below autotune 3 or inside a capture")
+
+    ops = _ops(autotune)
+    assert ops._fastest(("k",), {"a_us": never, "b_us": never}, "b_us") == "b_us"
+    # the same fallback for the two-way choice: the default below autotune 3, the second in a capture
+    assert ops._first_is_faster(("k2",), never, never, default=True) is (not capturing)
