@@ -16,7 +16,6 @@ broken build costs speed, never correctness.
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 
@@ -51,14 +50,12 @@ class KernelOps(TorchOps):
         self.sdpa_allowed = os.environ.get("FLASHRT_ATTN_SDPA", "1") != "0"  # prefix / SigLIP may take torch SDPA
         # the decode attention copies its first cached-prefix K/V tiles before waiting for the QKV GEMM
         self.attn_prefetch = os.environ.get("FLASHRT_ATTN_PREFETCH", "1") != "0"
-        # the decode attention's key-split count is measured per shape (autotune >= 3), not guessed
-        self.attn_split_tuning = os.environ.get("FLASHRT_ATTN_SPLITS_TUNE", "1") != "0"
         raw = torch.empty(WORKSPACE_BYTES + 256, dtype=torch.uint8, device=device)
         self.workspace = raw[(-raw.data_ptr()) % 256 :][:WORKSPACE_BYTES]  # cuBLASLt wants 256-byte alignment
         lse, acc = flashrt_kernels.attention_splitkv_sizes(1, SKINNY_MAX_M, 16, 256)
         self.lse_accum = torch.empty(lse, dtype=torch.float32, device=device)
         self.o_accum = torch.empty(acc, dtype=torch.float32, device=device)
-        self._choice: dict[tuple, str] = {}  # _fastest's measured choices (label of the winner)
+        self._choice: dict[tuple, bool] = {}  # _first_is_faster's measured choices
         self.gemm_choices: dict[tuple, dict[str, float]] = {}  # measured shapes, for the bench report
 
     @staticmethod
@@ -187,25 +184,19 @@ class KernelOps(TorchOps):
     def _first_is_faster(self, shape, first, second, default=True, labels=("skinny_us", "cublaslt_us")) -> bool:
         """Whether ``first`` beats ``second`` at a shape: the skinny GEMM against cuBLASLt (for
         gate/up: the skinny GEMM with its GeGLU epilogue against cuBLASLt + the GeGLU pass), torch's
-        SDPA against our prefix attention. Neither wins on every shape and card (H100, FP8: cuBLASLt
+        SDPA against our prefix attention. Measured once per shape (autotune >= 3) on the real
+        operands, outside graph capture; neither wins on every shape and card (H100, FP8: cuBLASLt
         won most expert shapes), so neither is assumed. Unmeasured (autotune < 3): ``default``;
         first met inside a capture: the second."""
-        unmeasured = labels[0] if default and self.autotune < 3 else labels[1]
-        return self._fastest(shape, {labels[0]: first, labels[1]: second}, unmeasured) == labels[0]
-
-    def _fastest(self, key, candidates: dict, unmeasured: str) -> str:
-        """The label of the fastest candidate (label -> call) at ``key``, measured once (autotune >= 3)
-        on the real operands, outside graph capture. Unmeasured (autotune < 3, or first met inside
-        a capture, where nothing can be timed): ``unmeasured``."""
-        choice = self._choice.get(key)
+        choice = self._choice.get(shape)
         if choice is not None:
             return choice
         if self.autotune < 3 or torch.cuda.is_current_stream_capturing():
-            return self._choice.setdefault(key, unmeasured)
-        times = {label: _median_us(fn) for label, fn in candidates.items()}
-        self._choice[key] = min(times, key=times.get)
-        self.gemm_choices[key] = times  # for the bench / profile reports
-        return self._choice[key]
+            return self._choice.setdefault(shape, default and self.autotune < 3)
+        times = [_median_us(fn) for fn in (first, second)]
+        self._choice[shape] = times[0] <= times[1]
+        self.gemm_choices[shape] = dict(zip(labels, times))  # for the bench / profile reports
+        return self._choice[shape]
 
     # norms -------------------------------------------------------------------------------------
     def _norm_out(self, x, lin):
@@ -282,7 +273,7 @@ class KernelOps(TorchOps):
             # [t * h, 1, d] in memory). One pass over K/V serves all heads instead of one per head.
             t, h = t * h, 1
 
-        def ours(num_splits=0 if split else 1):
+        def ours():
             out = torch.empty(out_shape, dtype=torch.float8_e4m3fn if fp8_out else torch.bfloat16, device=q.device)
             self.fk.attention(
                 q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), batch=1, seqlen_q=t, seqlen_k=s,
@@ -290,7 +281,7 @@ class KernelOps(TorchOps):
                 k_strides=(s * hkv * d, hkv * d, d), v_strides=(s * hkv * d, hkv * d, d),
                 o_strides=(t * h * d, h * d, d), softmax_scale=d**-0.5, dtype="bf16",
                 lse_accum=self.lse_accum.data_ptr() if split else 0, o_accum=self.o_accum.data_ptr() if split else 0,
-                num_splits=num_splits, out_scale=out_for.act_scale.data_ptr() if fp8_out else 0,
+                num_splits=0 if split else 1, out_scale=out_for.act_scale.data_ptr() if fp8_out else 0,
                 static_keys=static_keys if self.attn_prefetch else 0, stream=self._stream(),
             )
             return out
@@ -312,16 +303,6 @@ class KernelOps(TorchOps):
                 and self._first_is_faster(("attention", t, s, d), sdpa, ours, default=False,
                                           labels=("sdpa_us", "flashrt_us"))):
             return sdpa()
-        if split and self.attn_split_tuning:
-            # The denoise step's attention (50 queries x 8 heads over ~600 keys): how many key splits
-            # pay for their partials' round trip through memory and the combine depends on the card
-            # and the cache length, so it is measured (the kernel's grid heuristic when unmeasured).
-            # The kernel rounds a count to whole key tiles per split, so nearby counts may coincide.
-            candidates = {f"splits_{n}_us": functools.partial(ours, n) for n in _DECODE_SPLITS}
-            candidates["splits_auto_us"] = ours
-            best = self._fastest(("attention", t, s, d, "splits", "fp8" if fp8_out else "bf16"), candidates,
-                                 "splits_auto_us")
-            return candidates[best]()
         return ours()
 
     def vision_attention(self, qkv, batch, tokens, heads):
@@ -351,10 +332,6 @@ class KernelOps(TorchOps):
                                                        default=False, labels=("sdpa_us", "flashrt_us")):
             return sdpa()
         return ours()
-
-
-# Key-split counts the decode attention's measured choice tries (besides the kernel's own pick).
-_DECODE_SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)
 
 
 def _dtype(lin) -> str:
