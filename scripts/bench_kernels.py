@@ -379,6 +379,14 @@ def main() -> int:
                           lambda splits=splits: case_attention(50, 627, 8, 1, 256, split=splits)))
         cases.append(("attn decode split=auto", "50x627 q8 kv1 d256",
                       lambda: case_attention(50, 627, 8, 1, 256, split=True)))
+        # the prefix attention (issue 4's shape, and the pipeline's 577 tokens at 2 views): ~100 tiles
+        # of 64 rows leave SMs idle and the kernel does not split them itself; a split fills the card
+        # at the cost of the fp32 partials' round trip and a combine
+        for tokens in (816, 577):
+            for splits in (2, 3, 4):
+                cases.append((f"attention split={splits}", f"{tokens} q8 kv1 d256",
+                              lambda tokens=tokens, splits=splits: case_attention(tokens, tokens, 8, 1, 256,
+                                                                                  split=splits)))
     if args.quick:
         cases = cases[::2]
     if args.only:
