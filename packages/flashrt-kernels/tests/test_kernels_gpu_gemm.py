@@ -98,6 +98,36 @@ def test_gemm_fp8_per_tensor_scales(m, k, n, workspace):
     check(out, ref, atol=1e-2 * ref.abs().max().item(), rtol=1e-2, what="gemm fp8")
 
 
+@pytest.mark.parametrize("m,k,n,dtype", [(512, 4304, 1152, "bf16"), (577, 16384, 2048, "fp8"),
+                                         (50, 4096, 1024, "fp8"), (7, 72, 136, "bf16")])
+def test_gemm_thorough_search_in_place_residual(m, k, n, dtype, workspace, capfd, monkeypatch):
+    """Level 5 may pick a split-K variant: the result must still be exact, in place too."""
+    if dtype == "fp8" and E4M3 is None:
+        pytest.skip("torch has no float8_e4m3fn")
+    monkeypatch.setenv("FLASHRT_GEMM_TUNE_LOG", "1")
+    fk.gemm_cache_clear()
+    x, w, res = rnd(m, k), rnd(n, k, scale=k**-0.5), rnd(m, n)
+    xs, ws = 1.0, 1.0
+    if dtype == "fp8":
+        xs, ws = 0.02, 0.003
+        x, w = fp8_ref(x * 3.0, xs), fp8_ref(w * 0.5 * k**0.5, ws)
+    scales = dict(x_scale=scalar(xs).data_ptr(), w_scale=scalar(ws).data_ptr()) if dtype == "fp8" else {}
+    out = res.clone()
+    fk.gemm(x.data_ptr(), w.data_ptr(), out.data_ptr(), m, n, k, dtype=dtype, workspace=workspace.data_ptr(),
+            workspace_size=workspace.numel(), residual=out.data_ptr(), autotune=5, stream=stream(), **scales)
+    ref = gemm_ref(x.double() * xs, w.double() * ws, residual=res)
+    check(out, ref, atol=1e-2 * ref.abs().max().item(), rtol=1e-2, what=f"gemm autotune 5 {dtype} in place")
+    for _ in range(3):  # the tuned plan, replayed: still exact (a split-K reduction must not accumulate)
+        out.copy_(res)
+        fk.gemm(x.data_ptr(), w.data_ptr(), out.data_ptr(), m, n, k, dtype=dtype, workspace=workspace.data_ptr(),
+                workspace_size=workspace.numel(), residual=out.data_ptr(), autotune=5, stream=stream(), **scales)
+    check(out, ref, atol=1e-2 * ref.abs().max().item(), rtol=1e-2, what=f"gemm autotune 5 {dtype} replayed")
+    torch.cuda.synchronize()
+    log = capfd.readouterr().err
+    assert f"m={m} n={n} k={k} {dtype} autotune 5" in log, log
+    print(log.strip())
+
+
 @pytest.mark.parametrize("level", [0, 3, 5])
 def test_gemm_autotune_levels_and_cache(level, workspace):
     fk.gemm_cache_clear()
