@@ -8,9 +8,9 @@
 // B = X as a K x M column-major matrix; D as N x M column-major (= M x N row-major).
 //
 // Plans (descriptors + chosen algorithm) are cached per shape and options. Autotune levels:
-// 0 = cuBLASLt's first heuristic choice; 3 = time the first 8 candidates; 4 = time up to 32;
-// 5 = up to 32 and their neighbours the heuristic does not list (split-K counts, reduction schemes,
-// CTA swizzling; see search_neighbours). FLASHRT_GEMM_TUNE_LOG=1 prints each tuned shape's times.
+// 0 = cuBLASLt's first heuristic choice; 3 = time the first 8 candidates; 5 = time up to 32 (the
+// heuristic lists 6-8 at the Pi0.5 shapes; their split-K / CTA-swizzle variants were never faster
+// on the H100: docs/kernels.md, "Thirteenth pass"). FLASHRT_GEMM_TUNE_LOG=1 prints what was timed.
 // Timing runs write into a scratch buffer, never into D, and are skipped while the stream is being
 // captured into a CUDA graph (the heuristic choice is used; tune before capturing).
 #pragma once
@@ -159,91 +159,40 @@ inline int run_matmul(cublasLtHandle_t handle, GemmPlan& plan, const GemmArgs& g
   return 0;
 }
 
-// Times each candidate on the caller's stream into a scratch output: times[i] is candidate i's
-// time per call in ms (1e30 when it did not run).
+// Times each candidate on the caller's stream into a scratch output; returns the fastest index and,
+// per call, its time and the first (the heuristic's pick) candidate's, in ms.
 inline int time_candidates(cublasLtHandle_t handle, GemmPlan& plan, const GemmArgs& g,
-                           const std::vector<cublasLtMatmulAlgo_t>& cands, int reps, cudaStream_t stream,
-                           std::vector<float>* times) {
-  times->assign(cands.size(), 1e30f);
+                           const std::vector<cublasLtMatmulHeuristicResult_t>& cands, int reps,
+                           cudaStream_t stream, int* best, float* best_ms, float* first_ms) {
   void* scratch = nullptr;
   cudaError_t err = cudaMalloc(&scratch, size_t(g.m) * size_t(g.n) * 2);
   if (err != cudaSuccess) return int(err);
   cudaEvent_t start, stop;
   cudaEventCreate(&start);
   cudaEventCreate(&stop);
+  *best_ms = *first_ms = 1e30f;
+  *best = 0;
   for (size_t i = 0; i < cands.size(); ++i) {
-    if (run_matmul(handle, plan, g, cands[i], scratch, stream) != 0) continue;  // warm-up / validity
+    if (run_matmul(handle, plan, g, cands[i].algo, scratch, stream) != 0) continue;  // warm-up / validity
     cudaEventRecord(start, stream);
     bool ok = true;
-    for (int r = 0; r < reps && ok; ++r) ok = run_matmul(handle, plan, g, cands[i], scratch, stream) == 0;
+    for (int r = 0; r < reps && ok; ++r) ok = run_matmul(handle, plan, g, cands[i].algo, scratch, stream) == 0;
     cudaEventRecord(stop, stream);
     if (cudaEventSynchronize(stop) != cudaSuccess || !ok) continue;
     float ms = 0.0f;
     cudaEventElapsedTime(&ms, start, stop);
-    (*times)[i] = ms / reps;
+    ms /= float(reps);
+    if (i == 0) *first_ms = ms;
+    if (ms < *best_ms) {
+      *best_ms = ms;
+      *best = int(i);
+    }
   }
   cudaEventDestroy(start);
   cudaEventDestroy(stop);
   cudaFree(scratch);
   cudaGetLastError();  // a candidate that failed to launch must not poison the next launch's check
   return 0;
-}
-
-inline bool same_algo(const cublasLtMatmulAlgo_t& a, const cublasLtMatmulAlgo_t& b) {
-  return std::memcmp(&a, &b, sizeof(a)) == 0;
-}
-
-// The heuristic lists a few configurations per kernel; at these shapes (a few hundred rows, one
-// wave of tiles or less: SigLIP's 512 x 4304 -> 1152 makes 72 tiles of 128 x 64 on 132 SMs) the
-// split-K count decides how many SMs work, so level 5 also tries each listed kernel with every
-// split count, reduction scheme and CTA swizzle it supports, keeping what cublasLtMatmulAlgoCheck
-// accepts within the workspace. In place (C == D), no in-place reduction: its partial sums would
-// land in D while C (the same memory) is still being read.
-inline void search_neighbours(cublasLtHandle_t handle, GemmPlan& plan, const GemmArgs& g,
-                              std::vector<cublasLtMatmulAlgo_t>& algos, size_t cap) {
-  static constexpr int32_t kSplits[] = {1, 2, 3, 4, 6, 8, 12, 16};
-  const bool in_place = g.c != nullptr && g.c == g.d;
-  const size_t listed = algos.size();
-  for (size_t i = 0; i < listed && algos.size() < cap; ++i) {
-    int32_t split_support = 0;
-    uint32_t scheme_mask = 0, swizzle_support = 0;
-    size_t written = 0;
-    cublasLtMatmulAlgoCapGetAttribute(&algos[i], CUBLASLT_ALGO_CAP_SPLITK_SUPPORT, &split_support,
-                                      sizeof(split_support), &written);
-    cublasLtMatmulAlgoCapGetAttribute(&algos[i], CUBLASLT_ALGO_CAP_REDUCTION_SCHEME_MASK, &scheme_mask,
-                                      sizeof(scheme_mask), &written);
-    cublasLtMatmulAlgoCapGetAttribute(&algos[i], CUBLASLT_ALGO_CAP_CTA_SWIZZLING_SUPPORT, &swizzle_support,
-                                      sizeof(swizzle_support), &written);
-    if (in_place) scheme_mask &= ~uint32_t(CUBLASLT_REDUCTION_SCHEME_INPLACE);
-    for (uint32_t swizzle = 0; swizzle <= (swizzle_support ? 1u : 0u); ++swizzle) {
-      for (int32_t splits : kSplits) {
-        if (splits > 1 && (!split_support || splits > g.k / 64)) break;
-        for (uint32_t scheme = 0; scheme <= 4; scheme = scheme ? scheme << 1 : 1) {
-          if ((splits == 1) != (scheme == 0)) continue;  // a reduction exactly when K is split
-          if (scheme && !(scheme_mask & scheme)) continue;
-          cublasLtMatmulAlgo_t algo = algos[i];
-          cublasLtMatmulAlgoConfigSetAttribute(&algo, CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING, &swizzle, sizeof(swizzle));
-          cublasLtMatmulAlgoConfigSetAttribute(&algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &splits, sizeof(splits));
-          cublasLtMatmulAlgoConfigSetAttribute(&algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &scheme, sizeof(scheme));
-          cublasLtMatmulHeuristicResult_t check{};
-          if (cublasLtMatmulAlgoCheck(handle, plan.op, plan.a, plan.b, plan.c, plan.d, &algo, &check) !=
-                  CUBLAS_STATUS_SUCCESS ||
-              check.workspaceSize > g.workspace_size) {
-            continue;
-          }
-          if (std::none_of(algos.begin(), algos.end(), [&](const auto& a) { return same_algo(a, algo); })) {
-            algos.push_back(algo);
-            if (algos.size() >= cap) return;
-          }
-        }
-      }
-    }
-  }
-}
-
-inline bool tune_log_enabled() {
-  const char* v = std::getenv("FLASHRT_GEMM_TUNE_LOG");
-  return v != nullptr && v[0] != '\0' && v[0] != '0';
 }
 
 }  // namespace detail
@@ -281,31 +230,27 @@ inline int gemm_lt(const GemmArgs& g, cudaStream_t stream) {
     size_t ws = g.workspace_size;
     cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
     const int requested = capturing || want == 0 ? 1 : want <= 3 ? 8 : 32;
-    std::vector<cublasLtMatmulHeuristicResult_t> results(requested);
+    std::vector<cublasLtMatmulHeuristicResult_t> cands(requested);
     int returned = 0;
     cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(handle, plan.op, plan.a, plan.b, plan.c, plan.d, pref,
-                                                      requested, results.data(), &returned);
+                                                      requested, cands.data(), &returned);
     cublasLtMatmulPreferenceDestroy(pref);
     if (s != CUBLAS_STATUS_SUCCESS) return blas_error(s);
     if (returned == 0) return blas_error(CUBLAS_STATUS_NOT_SUPPORTED);
-    std::vector<cublasLtMatmulAlgo_t> cands;
-    for (int i = 0; i < returned; ++i) cands.push_back(results[i].algo);
+    cands.resize(returned);
     int best = 0;
-    const size_t listed = cands.size();
-    if (!capturing && want >= 5) search_neighbours(handle, plan, g, cands, 256);
-    if (!capturing && want > 0 && cands.size() > 1) {
-      std::vector<float> times;
-      if (int rc = time_candidates(handle, plan, g, cands, want <= 3 ? 3 : 10, stream, &times)) return rc;
-      best = int(std::min_element(times.begin(), times.end()) - times.begin());
-      if (tune_log_enabled()) {
-        const float listed_best = *std::min_element(times.begin(), times.begin() + listed);
-        std::fprintf(stderr, "[flashrt gemm] m=%lld n=%lld k=%lld %s autotune %d: best of %zu listed %.2f us, "
-                     "of %zu tried %.2f us (#%d)\n", (long long)g.m, (long long)g.n, (long long)g.k,
-                     g.dtype == GemmDtype::kFp8E4M3 ? "fp8" : "bf16", want, listed, listed_best * 1e3,
-                     cands.size(), times[best] * 1e3, best);
+    if (returned > 1) {
+      float best_ms = 0.0f, first_ms = 0.0f;
+      if (int rc = time_candidates(handle, plan, g, cands, want <= 3 ? 3 : 10, stream, &best, &best_ms, &first_ms)) {
+        return rc;
+      }
+      if (const char* log = std::getenv("FLASHRT_GEMM_TUNE_LOG"); log && log[0] && log[0] != '0') {
+        std::fprintf(stderr, "[flashrt gemm] m=%lld n=%lld k=%lld %s autotune %d: best of %d %.2f us (#%d), first %.2f us\n",
+                     (long long)g.m, (long long)g.n, (long long)g.k, g.dtype == GemmDtype::kFp8E4M3 ? "fp8" : "bf16",
+                     want, returned, best_ms * 1e3, best, first_ms * 1e3);
       }
     }
-    plan.algo = cands[best];
+    plan.algo = cands[best].algo;
     plan.tuned_level = capturing ? 0 : want;
   }
   return run_matmul(handle, plan, g, plan.algo, g.d, stream);

@@ -228,10 +228,9 @@ def gemm(x: int, w: int, out: int, m: int, n: int, k: int, *, workspace: int, wo
     cuBLASLt. x and w: bf16, or both E4M3 (dtype="fp8"; then x_scale / w_scale point at their fp32
     per-tensor scales, 0 = 1.0). out, bias, residual: bf16; residual may be ``out`` (in place).
     epilogue="gelu_tanh" applies cuBLASLt's GELU to (product + bias); not combinable with residual
-    (cuBLASLt would add the residual before the GELU). autotune 0 / 3 / 4 / 5: heuristic / time 8 /
-    time 32 candidates / 32 and their split-K, reduction and CTA-swizzle variants (up to 256), once per
-    shape (not while the stream is capturing a graph: tune before capture). FLASHRT_GEMM_TUNE_LOG=1
-    prints each tuned shape's best listed and best tried time to stderr.
+    (cuBLASLt would add the residual before the GELU). autotune 0 / 3 / 5: heuristic / time 8 / time
+    32 candidates, once per shape (not while the stream is capturing a graph: tune before capture).
+    FLASHRT_GEMM_TUNE_LOG=1 prints each tuned shape's best and first candidate's time to stderr.
     """
     dt = _choice("dtype", dtype, GEMM_DTYPES)
     epi = _choice("epilogue", epilogue, GEMM_EPILOGUES)
@@ -243,7 +242,7 @@ def gemm(x: int, w: int, out: int, m: int, n: int, k: int, *, workspace: int, wo
     _need_size("k", k, multiple=16 if dt == 1 else 8)
     _need_size("n", n, multiple=16 if dt == 1 else 8)
     if autotune not in (0, 1, 2, 3, 4, 5):
-        raise ValueError(f"autotune: expected 0..5 (0 heuristic, 3 quick, 5 thorough search), got {autotune!r}")
+        raise ValueError(f"autotune: expected 0..5 (0 heuristic, 3 quick, 5 thorough), got {autotune!r}")
     _need_size("workspace_size", workspace_size, minimum=0)
     rc = _C.gemm(_need_ptr("x", x), _need_ptr("w", w), _need_ptr("out", out),
                  _need_ptr("residual", residual, optional=True), _need_ptr("bias", bias, optional=True),
