@@ -1,8 +1,8 @@
 """FP8 accuracy of the Hopper pipeline on the CPU, at the TRUE widths with 2 layers per stack
 (the prefix MLP cut to 4096 to keep CI fast).
 
-torch's FP8 GEMM (``_scaled_mm``) runs on the CPU, so the pipeline's W8A8 path is measured here
-against the fp32 reference on the same random weights (the generator ``flashrt bench`` uses).
+The pipeline's W8A8 path runs on the CPU (its FP8 GEMM widens the E4M3 operands to fp32 there:
+the products and the fp32 sum of ``_scaled_mm``), so it is measured here against the fp32 reference on the same random weights (the generator ``flashrt bench`` uses).
 E4M3's error is set by its 3 mantissa bits, not by the widths, but the error sums over layers:
 at 2 layers it is a fraction of the true-size one, so these bars are tighter than the GPU test's
 0.999 and sit between the all-FP8 result and the one with each model's bf16 keep list

@@ -125,7 +125,7 @@ def test_num_steps_override_matches_reference(model):
 
 
 def test_fp8_path_calibrates_and_stays_close(model):
-    """FP8 W8A8 (torch._scaled_mm runs on the CPU too): first call calibrates from its inputs."""
+    """FP8 W8A8 (on the CPU through the E4M3 values widened to fp32): first call calibrates from its inputs."""
     config, state_dict, ref = model
     inputs = ht.random_inputs(config, 2, 7, seed=5)
     want = ht.run_reference(ref, config, inputs)
@@ -198,6 +198,32 @@ def test_infer_without_prompt_is_an_input_error(model):
     pipe = ht.pipeline_class(config.model_type)(state_dict, config, num_views=1, use_fp8=False)
     with pytest.raises(InputError, match="prompt"):
         pipe.infer()
+
+
+@pytest.mark.parametrize("act_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_fp8_linear_matches_scaled_mm(act_dtype, bias):
+    """On the CPU the FP8 GEMM widens E4M3 to fp32 instead of calling torch's (very slow there)
+    _scaled_mm: the same products and fp32 sum, so the same result up to the summation order."""
+    from flash_rt.models.hopper_ops import TorchOps, make_linear  # noqa: PLC0415
+
+    gen = torch.Generator().manual_seed(3)
+    m, k, n = 24, 96, 48
+    weight = torch.randn(n, k, generator=gen) * 0.2
+    lin = make_linear("t", weight, torch.randn(n, generator=gen) if bias else None, act_dtype=act_dtype,
+                      device="cpu", fp8=True)
+    assert lin.fp8
+    lin.act_scale.fill_(0.01)
+    lin.inv_act_scale.fill_(100.0)
+    ops = TorchOps(act_dtype)
+    h = torch.randn(m, k, generator=gen)
+    got = ops.linear(h, lin)
+    x8 = ops.to_input_of(h, lin)
+    want = torch._scaled_mm(x8, lin.weight.t(), scale_a=lin.act_scale, scale_b=lin.weight_scale, bias=lin.bias,
+                            out_dtype=act_dtype)
+    assert got.dtype == want.dtype == act_dtype and torch.isfinite(got).all()
+    tol = 1e-5 if act_dtype == torch.float32 else 1e-2  # bf16: one rounding step of the output
+    torch.testing.assert_close(got.float(), want.float(), atol=tol * want.abs().max().item(), rtol=tol)
 
 
 def test_calibrate_amax_max_and_percentile():

@@ -10,7 +10,10 @@ the compiled kernels run as one kernel (the expert's weight rows are then ordere
 
 * ``TorchOps`` - plain PyTorch: cuBLAS (``F.linear``), ``torch._scaled_mm`` for FP8 E4M3 with
   per-tensor scales, SDPA, elementwise torch for the rest. Its residual stream is fp32. The same
-  code runs on the CPU in fp32, which is how the pipeline's logic is tested against the reference.
+  code runs on the CPU in fp32, which is how the pipeline's logic is tested against the reference;
+  there an FP8 GEMM multiplies the E4M3 values widened to fp32 (every product and the fp32 sum as
+  ``_scaled_mm`` forms them: torch 2.13's CPU ``_scaled_mm`` ran at 0.04 GFLOP/s on a Xeon with
+  AVX512-FP16, which turned a 1-minute CPU test into an hour).
 * ``KernelOps`` (hopper_kernel_ops.py) - the compiled ``flashrt_kernels`` (fused norms with
   FP8 out, RoPE + KV write, skinny GEMM for M <= 64, FA2-style attention); bf16 residual stream.
 
@@ -179,6 +182,9 @@ class TorchOps:
         elif self.calibrating:
             w = lin.weight.to(self.act_dtype) * lin.weight_scale.to(self.act_dtype)
             out = F.linear(h, w, lin.bias)
+        elif h.device.type == "cpu":
+            out = F.linear(h.float(), lin.weight.float()) * (lin.act_scale * lin.weight_scale)
+            out = (out if lin.bias is None else out + lin.bias.float()).to(self.act_dtype)
         else:
             out = torch._scaled_mm(
                 h, lin.weight.t(), scale_a=lin.act_scale, scale_b=lin.weight_scale, bias=lin.bias,
