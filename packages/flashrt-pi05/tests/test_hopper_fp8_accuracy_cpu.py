@@ -2,12 +2,13 @@
 (the prefix MLP cut to 4096 to keep CI fast).
 
 The pipeline's W8A8 path runs on the CPU (its FP8 GEMM widens the E4M3 operands to fp32 there:
-the products and the fp32 sum of ``_scaled_mm``), so it is measured here against the fp32 reference on the same random weights (the generator ``flashrt bench`` uses).
-E4M3's error is set by its 3 mantissa bits, not by the widths, but the error sums over layers:
-at 2 layers it is a fraction of the true-size one, so these bars are tighter than the GPU test's
-0.999 and sit between the all-FP8 result and the one with each model's bf16 keep list
-(``fp8_keep_bf16``, docs/calibration.md "Which GEMMs run FP8"). A regression of the list (a group
-going back to FP8, a fold that inflates a weight range) shows here without a GPU.
+the products and the fp32 sum of ``_scaled_mm``), so it is measured here against the fp32
+reference on the same random weights (the generator ``flashrt bench`` uses). E4M3's error is set
+by its 3 mantissa bits, not by the widths, but the error sums over layers: at 2 layers it is a
+fraction of the true-size one, so these bars are tighter than the GPU test's 0.999 and sit between
+the all-FP8 result and the one with each model's bf16 keep list (``fp8_keep_bf16``,
+docs/calibration.md "Which GEMMs run FP8"). A regression of the list (a group going back to FP8,
+a fold that inflates a weight range) shows here without a GPU.
 """
 
 from __future__ import annotations
