@@ -415,10 +415,14 @@ def main() -> int:
         print(f"  {op} {shape}: " + (f"{row['us']:.2f} us" if "error" not in row else row["error"][:120]), flush=True)
         torch.cuda.empty_cache()
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
+    # FLASHRT_COMMIT first, as flashrt bench: the GPU machine's copy of the tree may carry a stale .git
+    commit = os.environ.get("FLASHRT_COMMIT", "")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                    text=True).stdout.strip()
+        except OSError:
+            commit = ""
     result = {"device": props.name, "sms": props.multi_processor_count,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "commit": commit, "torch": torch.__version__, "flashrt_kernels": fk.__version__,
