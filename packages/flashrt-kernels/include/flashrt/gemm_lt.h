@@ -241,13 +241,14 @@ inline int gemm_lt(const GemmArgs& g, cudaStream_t stream) {
     int best = 0;
     if (returned > 1) {
       float best_ms = 0.0f, first_ms = 0.0f;
-      if (int rc = time_candidates(handle, plan, g, cands, want <= 3 ? 3 : 10, stream, &best, &best_ms, &first_ms)) {
-        return rc;
-      }
+      const int reps = want <= 3 ? 3 : 10;
+      if (int rc = time_candidates(handle, plan, g, cands, reps, stream, &best, &best_ms, &first_ms)) return rc;
       if (const char* log = std::getenv("FLASHRT_GEMM_TUNE_LOG"); log && log[0] && log[0] != '0') {
-        std::fprintf(stderr, "[flashrt gemm] m=%lld n=%lld k=%lld %s autotune %d: best of %d %.2f us (#%d), first %.2f us\n",
-                     (long long)g.m, (long long)g.n, (long long)g.k, g.dtype == GemmDtype::kFp8E4M3 ? "fp8" : "bf16",
-                     want, returned, best_ms * 1e3, best, first_ms * 1e3);
+        std::fprintf(stderr,
+                     "[flashrt gemm] m=%lld n=%lld k=%lld %s autotune %d: best of %d %.2f us (#%d), first %.2f us\n",
+                     (long long)g.m, (long long)g.n, (long long)g.k,
+                     g.dtype == GemmDtype::kFp8E4M3 ? "fp8" : "bf16", want, returned, best_ms * 1e3, best,
+                     first_ms * 1e3);
       }
     }
     plan.algo = cands[best].algo;

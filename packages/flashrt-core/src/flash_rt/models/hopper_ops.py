@@ -13,7 +13,7 @@ the compiled kernels run as one kernel (the expert's weight rows are then ordere
   code runs on the CPU in fp32, which is how the pipeline's logic is tested against the reference;
   there an FP8 GEMM multiplies the E4M3 values widened to fp32 (every product and the fp32 sum as
   ``_scaled_mm`` forms them: torch 2.13's CPU ``_scaled_mm`` ran at 0.04 GFLOP/s on a Xeon with
-  AVX512-FP16, which turned a 1-minute CPU test into an hour).
+  AVX512-FP16, which kept a 1-minute CPU test running for over half an hour).
 * ``KernelOps`` (hopper_kernel_ops.py) - the compiled ``flashrt_kernels`` (fused norms with
   FP8 out, RoPE + KV write, skinny GEMM for M <= 64, FA2-style attention); bf16 residual stream.
 
