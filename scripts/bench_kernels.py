@@ -368,14 +368,13 @@ def main() -> int:
         ("attn decode split", "50x627 q8 kv1 d256", lambda: case_attention(50, 627, 8, 1, 256, split=True)),
         ("attn decode static", "50x627 q8 kv1 d256",
          lambda: case_attention(50, 627, 8, 1, 256, split=True, static_keys=577)),
-        # the same calls with the splits' partials through global memory and the combine kernel
-        # (the rows above meet in a cluster where the device allows it)
-        ("attn decode split merge=kernel", "50x1018 q8 kv1 d256",
-         lambda: case_attention(50, 1018, 8, 1, 256, with_mask=True, split=True, merge="kernel")),
-        ("attn decode split merge=kernel", "50x627 q8 kv1 d256",
-         lambda: case_attention(50, 627, 8, 1, 256, split=True, merge="kernel")),
-        ("attn decode static merge=kernel", "50x627 q8 kv1 d256",
-         lambda: case_attention(50, 627, 8, 1, 256, split=True, static_keys=577, merge="kernel")),
+        # the same calls with the splits merging in a thread-block cluster (no combine kernel)
+        ("attn decode split merge=cluster", "50x1018 q8 kv1 d256",
+         lambda: case_attention(50, 1018, 8, 1, 256, with_mask=True, split=True, merge="cluster")),
+        ("attn decode split merge=cluster", "50x627 q8 kv1 d256",
+         lambda: case_attention(50, 627, 8, 1, 256, split=True, merge="cluster")),
+        ("attn decode static merge=cluster", "50x627 q8 kv1 d256",
+         lambda: case_attention(50, 627, 8, 1, 256, split=True, static_keys=577, merge="cluster")),
     ]
     if args.sweep:
         for m, k_dim, n in [(50, 1024, 4096), (50, 4096, 1024), (50, 1024, 2048)]:

@@ -11,7 +11,8 @@
 //
 // Split-KV: with num_splits > 1 each split handles a contiguous key range. Its partial O and
 // log-sum-exp meet the other splits' either through global memory and a second kernel (fp32
-// partials, then attn_combine_kernel), or, at head_dim 256 on sm_90+, inside the kernel: the splits
+// partials, then attn_combine_kernel), or, at head_dim 256 on sm_90+ (split_merge 2; in auto mode
+// only with FLASHRT_ATTN_CLUSTER=1), inside the kernel: the splits
 // of a row tile are one thread-block cluster, each rank owns a slice of O's columns, every rank
 // pushes the slices it does not own into their owner's shared memory (16-byte DSMEM stores), and
 // after one cluster barrier each rank merges and stores its slice. That saves the partials' round
@@ -698,11 +699,12 @@ inline cudaError_t attention_cluster_limit(int* limit) {
   return cudaSuccess;
 }
 
-// FLASHRT_ATTN_CLUSTER=0: split-KV partials always meet in the combine kernel (measurements).
+// split_merge = auto: the cluster merge only with FLASHRT_ATTN_CLUSTER=1 until a GPU run has
+// measured it against the combine kernel (docs/kernels.md, "Fourteenth pass").
 inline bool attention_cluster_merge_by_env() {
   static const bool on = [] {
     const char* v = std::getenv("FLASHRT_ATTN_CLUSTER");
-    return !(v && v[0] == '0');
+    return v && v[0] == '1';
   }();
   return on;
 }

@@ -455,7 +455,7 @@ def attention(q: int, k: int, v: int, o: int, *, batch: int, seqlen_q: int, seql
     splits' partials meet: "kernel" (fp32 partials in the scratch buffers, then a combine kernel),
     "cluster" (head_dim 256 on sm_90+: the splits of a row tile are one thread-block cluster and
     merge in distributed shared memory, no second kernel; a call that cannot run that way raises) or
-    "auto" (the cluster where it can run, unless FLASHRT_ATTN_CLUSTER=0). Returns the split count
+    "auto" ("kernel"; with FLASHRT_ATTN_CLUSTER=1 the cluster where it can run). Returns the split count
     requested (see ``attention_num_splits``).
     """
     dt = _choice("dtype", dtype, ATTN_DTYPES)
