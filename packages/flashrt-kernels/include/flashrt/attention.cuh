@@ -14,8 +14,9 @@
 // partials, then attn_combine_kernel), or, at head_dim 256 on sm_90+ (split_merge 2; in auto mode
 // only with FLASHRT_ATTN_CLUSTER=1), inside the kernel: the splits
 // of a row tile are one thread-block cluster, each rank owns a slice of O's columns, every rank
-// pushes the slices it does not own into their owner's shared memory (16-byte DSMEM stores), and
-// after one cluster barrier each rank merges and stores its slice. That saves the partials' round
+// pushes the slices it does not own into their owner's shared memory (16-byte DSMEM stores; a
+// cluster barrier before them, so no rank still reads the memory they land in), and after a second
+// barrier each rank merges and stores its slice. That saves the partials' round
 // trip through L2 and the second kernel's launch and wait (decode-style: few query tiles).
 //
 // static_keys: keys [0, static_keys) were written before the previous kernel of the stream (a
