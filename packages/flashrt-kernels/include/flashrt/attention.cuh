@@ -746,28 +746,13 @@ inline cudaError_t attention_launch_dh(AttnParams p, cudaStream_t stream) {
                   unsigned(p.num_splits));
   cudaError_t err = cudaSuccess;
   if (p.num_splits > 1 && p.split_merge != 1) {
-    int limit = 0;
     if constexpr (H == 2 && D == 256) {
+      int limit = 0;
       if ((err = attention_cluster_limit<T, D>(&limit)) != cudaSuccess) return err;
-    }
-    if (p.num_splits <= limit && (p.split_merge == 2 || attention_cluster_merge_by_env())) {
-      if constexpr (H == 2 && D == 256) {  // (limit > 0: sm_90+, where PDL exists too)
-        cudaLaunchConfig_t cfg = {};
-        cfg.gridDim = grid;
-        cfg.blockDim = dim3(H * kAttnHalfThreads);
-        cfg.dynamicSmemBytes = std::max(smem, attn::cluster_recv_bytes<D>(p.num_splits));
-        cfg.stream = stream;
-        cudaLaunchAttribute attr[2];
-        attr[0].id = cudaLaunchAttributeClusterDimension;
-        attr[0].val.clusterDim.x = 1;
-        attr[0].val.clusterDim.y = 1;
-        attr[0].val.clusterDim.z = unsigned(p.num_splits);
-        attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        attr[1].val.programmaticStreamSerializationAllowed = 1;
-        cfg.attrs = attr;
-        cfg.numAttrs = pdl_allowed_by_env() ? 2 : 1;
-        return cudaLaunchKernelEx(&cfg, attn::attn_fwd_kernel<T, D, 2, true>, p);
-      }
+      if (p.num_splits <= limit && (p.split_merge == 2 || attention_cluster_merge_by_env()))
+        return launch_kernel_clustered(attn::attn_fwd_kernel<T, D, 2, true>, grid, dim3(H * kAttnHalfThreads),
+                                       std::max(smem, attn::cluster_recv_bytes<D>(p.num_splits)), stream,
+                                       dim3(1, 1, unsigned(p.num_splits)), p);
     }
     if (p.split_merge == 2) return cudaErrorNotSupported;  // asked for, and this call cannot have it
   }
