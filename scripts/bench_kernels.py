@@ -271,9 +271,8 @@ def _sdpa_cudnn(q, k, v, mask=None):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def case_attention(sq, sk, hq, hkv, d, with_mask=False, split=False, static_keys=0, merge="auto"):
-    """split: False (one pass), True (split-KV, count chosen by the kernel) or a split count; merge:
-    how the splits meet ("kernel": the combine kernel, "cluster": in distributed shared memory).
+def case_attention(sq, sk, hq, hkv, d, with_mask=False, split=False, static_keys=0):
+    """split: False (one pass), True (split-KV, count chosen by the kernel) or a split count.
     static_keys: keys declared written before the previous kernel (their first tiles load before
     the kernel's wait: back to back under PDL, during the previous call's tail)."""
     flops = 4 * sq * sk * hq * d
@@ -295,7 +294,7 @@ def case_attention(sq, sk, hq, hkv, d, with_mask=False, split=False, static_keys
                                  mask_strides=(sk, 0), lse_accum=lse_acc.data_ptr() if split else 0,
                                  o_accum=o_acc.data_ptr() if split else 0,
                                  num_splits=(0 if split is True else int(split)) if split else 1,
-                                 static_keys=static_keys, split_merge=merge, stream=stream())]
+                                 static_keys=static_keys, stream=stream())]
     # Baseline in torch's [B, H, S, D] layout, K/V expanded to the query heads (MQA).
     qt = q.transpose(1, 2).contiguous()
     kt = k.transpose(1, 2).repeat_interleave(hq // hkv, dim=1).contiguous()
@@ -368,13 +367,6 @@ def main() -> int:
         ("attn decode split", "50x627 q8 kv1 d256", lambda: case_attention(50, 627, 8, 1, 256, split=True)),
         ("attn decode static", "50x627 q8 kv1 d256",
          lambda: case_attention(50, 627, 8, 1, 256, split=True, static_keys=577)),
-        # the same calls with the splits merging in a thread-block cluster (no combine kernel)
-        ("attn decode split merge=cluster", "50x1018 q8 kv1 d256",
-         lambda: case_attention(50, 1018, 8, 1, 256, with_mask=True, split=True, merge="cluster")),
-        ("attn decode split merge=cluster", "50x627 q8 kv1 d256",
-         lambda: case_attention(50, 627, 8, 1, 256, split=True, merge="cluster")),
-        ("attn decode static merge=cluster", "50x627 q8 kv1 d256",
-         lambda: case_attention(50, 627, 8, 1, 256, split=True, static_keys=577, merge="cluster")),
     ]
     if args.sweep:
         for m, k_dim, n in [(50, 1024, 4096), (50, 4096, 1024), (50, 1024, 2048)]:

@@ -14,7 +14,7 @@ int attention(int dtype, Addr q, Addr k, Addr v, Addr o, Strides3 q_strides, Str
               Strides3 v_strides, Strides3 o_strides, int batch, int seqlen_q, int seqlen_k, int heads_q,
               int heads_kv, int head_dim, float scale, Addr mask, int64_t mask_batch_stride,
               int64_t mask_row_stride, Addr lse, Addr lse_accum, Addr o_accum, int num_splits, Addr o_scale,
-              int static_keys, int split_merge, Addr stream) {
+              int static_keys, Addr stream) {
   AttnParams p;
   p.q = reinterpret_cast<const void*>(q);
   p.k = reinterpret_cast<const void*>(k);
@@ -39,7 +39,6 @@ int attention(int dtype, Addr q, Addr k, Addr v, Addr o, Strides3 q_strides, Str
   p.num_splits = num_splits;
   p.o_scale = reinterpret_cast<const float*>(o_scale);
   p.static_keys = static_keys;
-  p.split_merge = split_merge;
   auto s = reinterpret_cast<cudaStream_t>(stream);
   if (dtype == 0) return int(attention_bf16(p, head_dim, s));
   if (dtype == 1) return int(attention_fp16(p, head_dim, s));

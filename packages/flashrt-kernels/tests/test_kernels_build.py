@@ -60,14 +60,6 @@ def test_arguments_are_checked_before_any_cuda_call():
         fk.attention(0x1000, 0x1000, 0x1000, 0x1000, batch=1, seqlen_q=4, seqlen_k=4, num_heads_q=1,
                      num_heads_kv=1, head_dim=64, q_strides=(0, 64, 64), k_strides=(0, 64, 64),
                      v_strides=(0, 64, 64), o_strides=(0, 64, 64), softmax_scale=1.0, static_keys=-1)
-    with pytest.raises(ValueError, match="split_merge='cluster' needs head_dim 256"):
-        fk.attention(0x1000, 0x1000, 0x1000, 0x1000, batch=1, seqlen_q=4, seqlen_k=4, num_heads_q=1,
-                     num_heads_kv=1, head_dim=64, q_strides=(0, 64, 64), k_strides=(0, 64, 64),
-                     v_strides=(0, 64, 64), o_strides=(0, 64, 64), softmax_scale=1.0, split_merge="cluster")
-    with pytest.raises(ValueError, match="split_merge: expected one of"):
-        fk.attention(0x1000, 0x1000, 0x1000, 0x1000, batch=1, seqlen_q=4, seqlen_k=4, num_heads_q=1,
-                     num_heads_kv=1, head_dim=64, q_strides=(0, 64, 64), k_strides=(0, 64, 64),
-                     v_strides=(0, 64, 64), o_strides=(0, 64, 64), softmax_scale=1.0, split_merge="dsmem")
     with pytest.raises(ValueError, match="activation"):
         fk.bias_act(0x1000, 0, 0x2000, 1, 8, activation="gelu_erf")
     with pytest.raises(TypeError, match="device address"):

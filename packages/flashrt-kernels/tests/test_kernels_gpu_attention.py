@@ -173,18 +173,9 @@ def test_attention(b, sq, sk, hq, hkv, d, mask_kind, dtype):
     check(lse, ref_lse, atol=1e-3, rtol=1e-4, what="attention lse")
 
 
-def need_cluster(merge):
-    if merge == "cluster" and torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("the cluster merge needs sm_90+")
-
-
-@pytest.mark.parametrize("merge", ["kernel", "cluster"])
 @pytest.mark.parametrize("splits", [0, 2, 5, 16])
 @pytest.mark.parametrize("sq,sk", [(50, 1018), (51, 867), (8, 300)])
-def test_attention_split_kv(splits, sq, sk, merge):
-    """Both ways the splits meet: fp32 partials + the combine kernel, and the cluster merge in
-    distributed shared memory (16 splits: the largest, non-portable cluster)."""
-    need_cluster(merge)
+def test_attention_split_kv(splits, sq, sk):
     b, hq, hkv, d = 1, 8, 1, 256
     q, k, v = rnd(b, sq, hq, d), rnd(b, sk, hkv, d), rnd(b, sk, hkv, d)
     mask = make_mask("keys", b, sq, sk)
@@ -197,10 +188,10 @@ def test_attention_split_kv(splits, sq, sk, merge):
                         k_strides=contiguous_strides(k), v_strides=contiguous_strides(v),
                         o_strides=contiguous_strides(o), softmax_scale=d**-0.5, mask=mask_u8.data_ptr(),
                         mask_strides=(sk, 0), softmax_lse=lse.data_ptr(), lse_accum=lse_acc.data_ptr(),
-                        o_accum=o_acc.data_ptr(), num_splits=splits, split_merge=merge, stream=stream())
+                        o_accum=o_acc.data_ptr(), num_splits=splits, stream=stream())
     assert used >= 1
     ref, ref_lse = attn_ref(q, k, v, d**-0.5, mask)
-    check(o, ref, atol=2e-2, rtol=2e-2, what=f"split-kv {splits} ({merge})")
+    check(o, ref, atol=2e-2, rtol=2e-2, what=f"split-kv {splits}")
     check(lse, ref_lse, atol=1e-3, rtol=1e-4, what="split-kv lse")
 
 
@@ -222,12 +213,10 @@ def test_attention_split_kv_head_dims(d, hq, hkv):
     check(lse, ref_lse, atol=1e-3, rtol=1e-4, what=f"split-kv d{d} lse")
 
 
-@pytest.mark.parametrize("merge", ["kernel", "cluster"])
 @pytest.mark.parametrize("splits", [0, 3])
-def test_attention_split_kv_heads_folded_into_rows(splits, merge):
+def test_attention_split_kv_heads_folded_into_rows(splits):
     """The pipeline's decode call: MQA with the 8 query heads folded into 400 rows of one head
     (group 1), against a 627-key cache, split over the keys."""
-    need_cluster(merge)
     sq, sk, d = 400, 627, 256
     q, k, v = rnd(1, sq, 1, d), rnd(1, sk, 1, d), rnd(1, sk, 1, d)
     n_lse, n_o = fk.attention_splitkv_sizes(1, sq, 1, d)
@@ -237,9 +226,9 @@ def test_attention_split_kv_heads_folded_into_rows(splits, merge):
                  num_heads_q=1, num_heads_kv=1, head_dim=d, q_strides=contiguous_strides(q),
                  k_strides=contiguous_strides(k), v_strides=contiguous_strides(v), o_strides=contiguous_strides(o),
                  softmax_scale=d**-0.5, softmax_lse=lse.data_ptr(), lse_accum=lse_acc.data_ptr(),
-                 o_accum=o_acc.data_ptr(), num_splits=splits, split_merge=merge, stream=stream())
+                 o_accum=o_acc.data_ptr(), num_splits=splits, stream=stream())
     ref, ref_lse = attn_ref(q, k, v, d**-0.5, None)
-    check(o, ref, atol=2e-2, rtol=2e-2, what=f"folded split-kv {splits} ({merge})")
+    check(o, ref, atol=2e-2, rtol=2e-2, what=f"folded split-kv {splits}")
     check(lse, ref_lse, atol=1e-3, rtol=1e-4, what="folded split-kv lse")
 
 
@@ -311,14 +300,12 @@ def test_launch_errors_are_raised_with_cuda_message():
     assert math.isfinite(float(fk.attention_num_splits(1, 50, 1018, 8, 1, 256)))
 
 
-@pytest.mark.parametrize("merge", ["kernel", "cluster"])
 @pytest.mark.parametrize("sq,sk,splits", [(50, 627, 0), (50, 1018, 0), (577, 577, 1), (50, 300, 1)])
-def test_attention_fp8_out(sq, sk, splits, merge):
+def test_attention_fp8_out(sq, sk, splits):
     """O written as E4M3 at a static scale (the input of an FP8 output projection), from the direct
     store (one split) and from the split-KV combine."""
     if E4M3 is None or torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("E4M3 needs torch float8 and sm_89+")
-    need_cluster(merge)
     b, hq, hkv, d = 1, 8, 1, 256
     q, k, v = rnd(b, sq, hq, d), rnd(b, sk, hkv, d), rnd(b, sk, hkv, d)
     n_lse, n_o = fk.attention_splitkv_sizes(b, sq, hq, d)
@@ -332,24 +319,22 @@ def test_attention_fp8_out(sq, sk, splits, merge):
                      num_heads_q=hq, num_heads_kv=hkv, head_dim=d, q_strides=contiguous_strides(q),
                      k_strides=contiguous_strides(k), v_strides=contiguous_strides(v),
                      o_strides=contiguous_strides(o), softmax_scale=d**-0.5, lse_accum=lse_acc.data_ptr(),
-                     o_accum=o_acc.data_ptr(), num_splits=splits, split_merge=merge,
+                     o_accum=o_acc.data_ptr(), num_splits=splits,
                      out_scale=scalar(scale).data_ptr() if fp8 else 0, stream=stream())
         outs[fp8] = o
     # the bf16 output holds the kernel's (bf16 P @ V) error, ~1e-4 absolute: the FP8 output is that
     # result quantised (one E4M3 step either side), and both are checked against the fp64 reference
     check(outs[False], ref, atol=2e-2, rtol=2e-2, what="attention bf16 out")
-    check_fp8(outs[True], outs[False].float(), scale, what=f"attention fp8 out ({sq}x{sk}, splits {splits}, {merge})")
+    check_fp8(outs[True], outs[False].float(), scale, what=f"attention fp8 out ({sq}x{sk}, splits {splits})")
     check_rel(outs[True].float() * scale, ref, rel=0.05, what="attention fp8 out vs fp64")
 
 
-@pytest.mark.parametrize("merge", ["kernel", "cluster"])
 @pytest.mark.parametrize("static,splits", [(577, 0), (577, 1), (0, 0), (560, 3)])  # static <= the prefix
-def test_attention_static_keys_after_the_writer_of_the_last_block(static, splits, merge):
+def test_attention_static_keys_after_the_writer_of_the_last_block(static, splits):
     """A denoise step's chain, captured and replayed as a graph: rope_qkv writes Q and the last 50
     keys of the cache, then attention over the whole cache, whose first tiles of keys [0, static)
     are copied before it waits for rope_qkv (programmatic dependent launch). New QKV before every
     replay: a tile read before rope_qkv's writes landed would give the previous replay's keys."""
-    need_cluster(merge)
     prefix, t, hq, d = 577, 50, 8, 256
     sk = prefix + t
     k_cache, v_cache = rnd(sk, 1, d), rnd(sk, 1, d)
@@ -368,7 +353,7 @@ def test_attention_static_keys_after_the_writer_of_the_last_block(static, splits
                      seqlen_k=sk, num_heads_q=1, num_heads_kv=1, head_dim=d, q_strides=(t * hq * d, d, d),
                      k_strides=strides, v_strides=strides, o_strides=(t * hq * d, d, d), softmax_scale=d**-0.5,
                      lse_accum=lse_acc.data_ptr(), o_accum=o_acc.data_ptr(), num_splits=splits,
-                     static_keys=static, split_merge=merge, stream=s)
+                     static_keys=static, stream=s)
 
     s = torch.cuda.Stream()
     with torch.cuda.stream(s):
@@ -383,5 +368,5 @@ def test_attention_static_keys_after_the_writer_of_the_last_block(static, splits
         graph.replay()
         torch.cuda.synchronize()
         ref, _ = attn_ref(q.view(1, t * hq, 1, d), k_cache[None], v_cache[None], d**-0.5, None)
-        check(o[None], ref, atol=2e-2, rtol=2e-2, what=f"replay {replay}, static {static}, splits {splits}, {merge}")
+        check(o[None], ref, atol=2e-2, rtol=2e-2, what=f"replay {replay}, static {static}, splits {splits}")
         assert torch.equal(v_cache[prefix:], qkv.view(t, hq + 2, d)[:, hq + 1 :]), "the last block is this replay's"

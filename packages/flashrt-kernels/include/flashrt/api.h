@@ -49,7 +49,7 @@ int attention(int dtype, Addr q, Addr k, Addr v, Addr o, Strides3 q_strides, Str
               Strides3 v_strides, Strides3 o_strides, int batch, int seqlen_q, int seqlen_k, int heads_q,
               int heads_kv, int head_dim, float scale, Addr mask, int64_t mask_batch_stride,
               int64_t mask_row_stride, Addr lse, Addr lse_accum, Addr o_accum, int num_splits, Addr o_scale,
-              int static_keys, int split_merge, Addr stream);
+              int static_keys, Addr stream);
 int attention_num_splits(int batch, int seqlen_q, int seqlen_k, int heads_q, int heads_kv, int head_dim,
                          int num_sms, int* splits);
 int attention_max_splits();

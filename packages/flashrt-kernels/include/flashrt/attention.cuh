@@ -9,15 +9,8 @@
 // tile (row r -> query r / G, head r % G), so MQA with few queries still fills tiles and K/V tiles
 // are shared by all of them.
 //
-// Split-KV: with num_splits > 1 each split handles a contiguous key range. Its partial O and
-// log-sum-exp meet the other splits' either through global memory and a second kernel (fp32
-// partials, then attn_combine_kernel), or, at head_dim 256 on sm_90+ (split_merge 2; in auto mode
-// only with FLASHRT_ATTN_CLUSTER=1), inside the kernel: the splits
-// of a row tile are one thread-block cluster, each rank owns a slice of O's columns, every rank
-// pushes the slices it does not own into their owner's shared memory (16-byte DSMEM stores; a
-// cluster barrier before them, so no rank still reads the memory they land in), and after a second
-// barrier each rank merges and stores its slice. That saves the partials' round
-// trip through L2 and the second kernel's launch and wait (decode-style: few query tiles).
+// Split-KV: with num_splits > 1 each split handles a contiguous key range and writes an fp32
+// partial O and its log-sum-exp; a second kernel combines them (decode-style: few query tiles).
 //
 // static_keys: keys [0, static_keys) were written before the previous kernel of the stream (a
 // denoise step's cached prefix; only its own block is the previous kernel's output). A block whose
@@ -30,8 +23,6 @@
 // S = Q K_j^T and the softmax run; K_{j+2} loads while O += P V_j runs. At the end the halves
 // swap (m, l) and half of O's columns through shared memory; each merges and stores its half.
 #pragma once
-
-#include <cooperative_groups.h>
 
 #include <algorithm>
 #include <cmath>
@@ -62,7 +53,6 @@ struct AttnParams {
   int static_keys = 0;  // keys [0, static_keys) do not depend on the previous kernel (see above)
   int num_splits = 1;
   int keys_per_split = 0;
-  int split_merge = 0;  // how splits meet: 0 auto, 1 the combine kernel, 2 the cluster merge (see below)
 };
 
 constexpr int kAttnMaxSplits = 16;
@@ -149,108 +139,8 @@ struct Shape {
   }
 };
 
-// Shared memory the cluster merge receives into, for a cluster of `splits`: (m, l) of every rank
-// ([splits][128] float4), then O's n-tiles this rank owns ([splits][tiles per rank][128] float4).
-template <int D>
-__host__ __device__ constexpr int cluster_tiles_per_rank(int splits) {
-  return (D / 8 + splits - 1) / splits;
-}
-template <int D>
-__host__ __device__ constexpr size_t cluster_recv_bytes(int splits) {
-  return size_t(splits) * (1 + cluster_tiles_per_rank<D>(splits)) * kAttnHalfThreads * sizeof(float4);
-}
-
-// The end of a split whose cluster merges in shared memory. On entry the two halves have merged:
-// thread (half, tid) holds O's n-tiles [0, kDt / 2) (half 0) or [kDt / 2, kDt) (half 1) for rows
-// g and g + 8 of warp tid / 32, unnormalised, with the row max m (log2 domain) and its thread's
-// share of the row sum l. Rank r of the cluster owns n-tiles [r * tpr, (r + 1) * tpr).
-template <typename T, int D>
-__device__ __forceinline__ void cluster_merge_store(const AttnParams& p, float (&acc_o)[D / 8][4], const float (&m_run)[2],
-                                                    const float (&l_run)[2], int row0, int rows_total, int group,
-                                                    int kvh, int b, int half, int tid, unsigned char* smem_raw) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  namespace cg = cooperative_groups;
-  constexpr int kDt = D / 8, kLo = kDt / 2, kN = kAttnHalfThreads;
-  constexpr float kLn2 = 0.6931471805599453f;
-  cg::cluster_group cluster = cg::this_cluster();
-  const int splits = int(cluster.num_blocks()), rank = int(cluster.block_rank());
-  const int tpr = cluster_tiles_per_rank<D>(splits);
-  float l_quad[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float l = l_run[r];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    l_quad[r] = l;
-  }
-  float4* recv_ml = reinterpret_cast<float4*>(smem_raw);  // [splits][kN]
-  float4* recv_o = recv_ml + splits * kN;                 // [splits][tpr][kN]
-  cluster.sync();  // every rank is done with its shared memory (tiles, the halves' merge buffer)
-#pragma unroll
-  for (int t = 0; t < kDt; ++t) {
-    if ((t < kLo) != (half == 0)) continue;
-    const int owner = t / tpr;
-    float4* dst = cluster.map_shared_rank(recv_o + (rank * tpr + t - owner * tpr) * kN + tid, owner);
-    *dst = make_float4(acc_o[t][0], acc_o[t][1], acc_o[t][2], acc_o[t][3]);
-  }
-  if (half == 0) {
-    const float4 ml = make_float4(m_run[0], m_run[1], l_quad[0], l_quad[1]);
-    for (int o = 0; o < splits; ++o) *cluster.map_shared_rank(recv_ml + rank * kN + tid, o) = ml;
-  }
-  cluster.sync();  // every push has landed
-
-  // Merge: one (owned n-tile, thread slot) pair per item, two per thread at most.
-  const int t_begin = rank * tpr, t_count = min(tpr, kDt - t_begin);
-  for (int i = threadIdx.x; i < t_count * kN; i += 2 * kN) {
-    const int tl = i / kN, slot = i % kN, t = t_begin + tl;
-    float mx0 = -INFINITY, mx1 = -INFINITY;
-    for (int s = 0; s < splits; ++s) {
-      const float4 ml = recv_ml[s * kN + slot];
-      mx0 = fmaxf(mx0, ml.x);
-      mx1 = fmaxf(mx1, ml.y);
-    }
-    const float base0 = mx0 == -INFINITY ? 0.0f : mx0, base1 = mx1 == -INFINITY ? 0.0f : mx1;
-    float l0 = 0.0f, l1 = 0.0f;
-    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll 4
-    for (int s = 0; s < splits; ++s) {
-      const float4 ml = recv_ml[s * kN + slot];
-      const float4 a = recv_o[(s * tpr + tl) * kN + slot];
-      const float c0 = exp2f(ml.x - base0), c1 = exp2f(ml.y - base1);
-      l0 += ml.z * c0;
-      l1 += ml.w * c1;
-      acc.x += a.x * c0;
-      acc.y += a.y * c0;
-      acc.z += a.z * c1;
-      acc.w += a.w * c1;
-    }
-    const int lane = slot & 31, g = lane >> 2, q4 = lane & 3;
-    const int pr_lo = row0 + (slot >> 5) * 16 + g;
-    const float vals[2][2] = {{acc.x, acc.y}, {acc.z, acc.w}};
-    const float ls[2] = {l0, l1}, ms[2] = {mx0, mx1};
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int pr = pr_lo + 8 * r;
-      if (pr >= rows_total) continue;
-      const int qi = pr / group, h = kvh * group + pr % group;
-      const float inv = ls[r] > 0.0f ? 1.0f / ls[r] : 0.0f;
-      const int64_t o_idx = b * p.o_sb + qi * p.o_sr + h * p.o_sh + t * 8 + 2 * q4;
-      if (p.o_scale) {
-        *reinterpret_cast<uint16_t*>(static_cast<uint8_t*>(p.o) + o_idx) =
-            fp8x2(vals[r][0], vals[r][1], inv / __ldg(p.o_scale));
-      } else {
-        *reinterpret_cast<uint32_t*>(static_cast<T*>(p.o) + o_idx) = pack2<T>(vals[r][0] * inv, vals[r][1] * inv);
-      }
-      if (p.lse && t == 0 && q4 == 0)
-        p.lse[(int64_t(b) * p.heads_q + h) * p.seqlen_q + qi] = ls[r] > 0.0f ? (ms[r] + log2f(ls[r])) * kLn2 : -INFINITY;
-    }
-  }
-#endif
-}
-
-// H = 1 or 2 halves (2 where the grid alone leaves SMs short of warps). CM: the splits of a row tile
-// form a cluster along z and merge through distributed shared memory (H = 2 only).
-template <typename T, int D, int H, bool CM = false>
+// H = 1 or 2 halves (2 where the grid alone leaves SMs short of warps).
+template <typename T, int D, int H>
 __global__ void __launch_bounds__(H * kAttnHalfThreads) attn_fwd_kernel(AttnParams p) {
   constexpr int kAttnThreads = H * kAttnHalfThreads;
   using S = Shape<D>;
@@ -511,12 +401,6 @@ __global__ void __launch_bounds__(H * kAttnHalfThreads) attn_fwd_kernel(AttnPara
     }
   }
 
-  if constexpr (CM) {
-    static_assert(H == 2, "the cluster merge follows the halves' merge");
-    cluster_merge_store<T, D>(p, acc_o, m_run, l_run, row0, rows_total, group, kvh, b, half, tid, smem_raw);
-    return;
-  }
-
   // Finish: quad-sum l, normalise, store this half's tiles (O directly, or the split's fp32
   // partial); half 0 stores the log-sum-exp.
   const bool store_lse = q4 == 0 && half == 0;
@@ -657,59 +541,6 @@ inline int attention_num_splits(int batch, int seqlen_q, int seqlen_k, int heads
   return 1;
 }
 
-// The largest split count whose cluster-merge launch fits this device (0: none; sm_90+ only):
-// `splits` blocks of one row tile must be resident together in one GPC. Read once per device.
-template <typename T, int D>
-inline cudaError_t attention_cluster_limit(int* limit) {
-  static int cache[64] = {};  // 0: not read yet; -1: no cluster merge
-  *limit = 0;
-  int dev = 0, cc = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  if (dev < 0 || dev >= 64) return cudaErrorInvalidDevice;
-  if (cache[dev] == 0) {
-    if ((err = current_device_cc(&cc)) != cudaSuccess) return err;
-    int best = -1;
-    if (cc >= 90) {
-      auto kernel = attn::attn_fwd_kernel<T, D, 2, true>;
-      size_t smem = attn::Shape<D>::template smem_bytes<T, 2>();
-      for (int s = 2; s <= kAttnMaxSplits; ++s) smem = std::max(smem, attn::cluster_recv_bytes<D>(s));
-      if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)) == cudaSuccess) {
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);  // 9-16 where allowed
-        for (int s = kAttnMaxSplits; s >= 2 && best < 0; --s) {
-          cudaLaunchConfig_t cfg = {};
-          cfg.gridDim = dim3(1, 1, unsigned(s));
-          cfg.blockDim = dim3(2 * kAttnHalfThreads);
-          cfg.dynamicSmemBytes = smem;
-          cudaLaunchAttribute attr[1];
-          attr[0].id = cudaLaunchAttributeClusterDimension;
-          attr[0].val.clusterDim.x = 1;
-          attr[0].val.clusterDim.y = 1;
-          attr[0].val.clusterDim.z = unsigned(s);
-          cfg.attrs = attr;
-          cfg.numAttrs = 1;
-          int clusters = 0;
-          if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess && clusters > 0) best = s;
-        }
-      }
-      cudaGetLastError();  // a refused probe is an answer, not an error of the next launch
-    }
-    cache[dev] = best;
-  }
-  *limit = std::max(0, cache[dev]);
-  return cudaSuccess;
-}
-
-// split_merge = auto: the cluster merge only with FLASHRT_ATTN_CLUSTER=1 until a GPU run has
-// measured it against the combine kernel (docs/kernels.md, "Fourteenth pass").
-inline bool attention_cluster_merge_by_env() {
-  static const bool on = [] {
-    const char* v = std::getenv("FLASHRT_ATTN_CLUSTER");
-    return v && v[0] == '1';
-  }();
-  return on;
-}
-
 template <typename T, int D, int H>
 inline cudaError_t attention_launch_dh(AttnParams p, cudaStream_t stream) {
   using S = attn::Shape<D>;
@@ -744,19 +575,7 @@ inline cudaError_t attention_launch_dh(AttnParams p, cudaStream_t stream) {
   const int64_t rows_total = int64_t(p.seqlen_q) * (p.heads_q / p.heads_kv);
   const dim3 grid(unsigned(ceil_div(rows_total, kAttnBlockM)), unsigned(p.batch * p.heads_kv),
                   unsigned(p.num_splits));
-  cudaError_t err = cudaSuccess;
-  if (p.num_splits > 1 && p.split_merge != 1) {
-    if constexpr (H == 2 && D == 256) {
-      int limit = 0;
-      if ((err = attention_cluster_limit<T, D>(&limit)) != cudaSuccess) return err;
-      if (p.num_splits <= limit && (p.split_merge == 2 || attention_cluster_merge_by_env()))
-        return launch_kernel_clustered(attn::attn_fwd_kernel<T, D, 2, true>, grid, dim3(H * kAttnHalfThreads),
-                                       std::max(smem, attn::cluster_recv_bytes<D>(p.num_splits)), stream,
-                                       dim3(1, 1, unsigned(p.num_splits)), p);
-    }
-    if (p.split_merge == 2) return cudaErrorNotSupported;  // asked for, and this call cannot have it
-  }
-  err = launch_kernel(kernel, grid, dim3(H * kAttnHalfThreads), smem, stream, p);
+  cudaError_t err = launch_kernel(kernel, grid, dim3(H * kAttnHalfThreads), smem, stream, p);
   if (err != cudaSuccess || p.num_splits == 1) return err;
   const int64_t warps = rows_all * (D > 128 ? 2 : 1);  // one per row and 128-column chunk
   return launch_kernel(attn::attn_combine_kernel<T>, dim3(unsigned(ceil_div(warps, 4))), dim3(128), 0, stream, p,
@@ -781,7 +600,7 @@ inline cudaError_t attention_launch_d(const AttnParams& p, cudaStream_t stream) 
                          int64_t(p.batch) * p.heads_kv * splits;
   // FLASHRT_ATTN_HALVES=1 or 2 forces the block shape (for measurements).
   static const int force = getenv("FLASHRT_ATTN_HALVES") ? atoi(getenv("FLASHRT_ATTN_HALVES")) : 0;
-  const bool two = p.split_merge == 2 || (force ? force == 2 : blocks <= sms[dev]);  // the cluster merge has two
+  const bool two = force ? force == 2 : blocks <= sms[dev];
   return two ? attention_launch_dh<T, D, 2>(p, stream) : attention_launch_dh<T, D, 1>(p, stream);
 }
 

@@ -157,11 +157,10 @@ inline cudaError_t current_device_cc(int* cc) {
   return cudaSuccess;
 }
 
-// kernel<<<grid, block, smem, stream>>>(args...) with the PDL attribute where the device has it,
-// and as thread-block clusters of `cluster` blocks where that is not 1 x 1 x 1 (sm_90+).
+// kernel<<<grid, block, smem, stream>>>(args...) with the PDL attribute where the device has it.
 template <typename... KArgs, typename... Args>
-inline cudaError_t launch_kernel_clustered(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
-                                           cudaStream_t stream, dim3 cluster, Args&&... args) {
+inline cudaError_t launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
+                                 cudaStream_t stream, Args&&... args) {
   int cc = 0;
   cudaError_t err = current_device_cc(&cc);
   if (err != cudaSuccess) return err;
@@ -170,29 +169,12 @@ inline cudaError_t launch_kernel_clustered(void (*kernel)(KArgs...), dim3 grid, 
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[2];
-  int n = 0;
-  if (cluster.x * cluster.y * cluster.z > 1) {
-    attr[n].id = cudaLaunchAttributeClusterDimension;
-    attr[n].val.clusterDim.x = cluster.x;
-    attr[n].val.clusterDim.y = cluster.y;
-    attr[n].val.clusterDim.z = cluster.z;
-    ++n;
-  }
-  if (cc >= 90 && pdl_allowed_by_env()) {
-    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[n].val.programmaticStreamSerializationAllowed = 1;
-    ++n;
-  }
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = n;
+  cfg.numAttrs = (cc >= 90 && pdl_allowed_by_env()) ? 1 : 0;
   return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
-}
-
-template <typename... KArgs, typename... Args>
-inline cudaError_t launch_kernel(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
-                                 cudaStream_t stream, Args&&... args) {
-  return launch_kernel_clustered(kernel, grid, block, smem, stream, dim3(1, 1, 1), std::forward<Args>(args)...);
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -21,7 +21,6 @@ GEMM_DTYPES = {"bf16": 0, "fp8": 1, "fp8_e4m3": 1}
 GEMM_EPILOGUES = {"none": 0, "gelu_tanh": 1}
 ATTN_DTYPES = {"bf16": 0, "fp16": 1}
 ATTN_HEAD_DIMS = (16, 32, 48, 64, 72, 96, 128, 256)
-ATTN_SPLIT_MERGE = {"auto": 0, "kernel": 1, "cluster": 2}
 SKINNY_MAX_M = 64
 # cuBLASLt workspace that lets it pick its fastest Hopper kernels.
 GEMM_WORKSPACE_BYTES = 32 * 1024 * 1024
@@ -440,7 +439,7 @@ def attention(q: int, k: int, v: int, o: int, *, batch: int, seqlen_q: int, seql
               v_strides: Sequence[int], o_strides: Sequence[int], softmax_scale: float, dtype: str = "bf16",
               mask: int = 0, mask_strides: Sequence[int] = (0, 0), softmax_lse: int = 0, lse_accum: int = 0,
               o_accum: int = 0, num_splits: int = 1, num_sms: int = 0, out_scale: int = 0, static_keys: int = 0,
-              split_merge: str = "auto", stream: int = 0) -> int:
+              stream: int = 0) -> int:
     """Attention forward: O = softmax(scale * Q K^T, masked) V with Hq / Hkv query heads per KV head.
 
     Tensors [batch, seq, heads, head_dim] with any (batch, row, head) element strides and a contiguous
@@ -451,17 +450,10 @@ def attention(q: int, k: int, v: int, o: int, *, batch: int, seqlen_q: int, seql
     as E4M3 (O / scale, saturated; same element strides), the input of an FP8 GEMM. static_keys: keys
     [0, static_keys) were written before the previous kernel of the stream (a decode step's cached
     prefix), so their first tiles are loaded before the kernel waits for that kernel (programmatic
-    dependent launch); 0 (default) for keys the previous kernel may write. split_merge: how the
-    splits' partials meet: "kernel" (fp32 partials in the scratch buffers, then a combine kernel),
-    "cluster" (head_dim 256 on sm_90+: the splits of a row tile are one thread-block cluster and
-    merge in distributed shared memory, no second kernel; a call that cannot run that way raises) or
-    "auto" ("kernel"; with FLASHRT_ATTN_CLUSTER=1 the cluster where it can run). Returns the split count
+    dependent launch); 0 (default) for keys the previous kernel may write. Returns the split count
     requested (see ``attention_num_splits``).
     """
     dt = _choice("dtype", dtype, ATTN_DTYPES)
-    merge = _choice("split_merge", split_merge, ATTN_SPLIT_MERGE)
-    if merge == 2 and head_dim != 256:
-        raise ValueError(f"attention: split_merge='cluster' needs head_dim 256, got {head_dim}; use 'auto' or 'kernel'")
     if head_dim not in ATTN_HEAD_DIMS:
         raise ValueError(f"attention: head_dim must be one of {ATTN_HEAD_DIMS}, got {head_dim}")
     _need_size("batch", batch, minimum=0)
@@ -488,6 +480,6 @@ def attention(q: int, k: int, v: int, o: int, *, batch: int, seqlen_q: int, seql
                       _need_ptr("mask", mask, 1, True), int(mask_strides[0]), int(mask_strides[1]),
                       _need_ptr("softmax_lse", softmax_lse, 4, True), _need_ptr("lse_accum", lse_accum, 16, True),
                       _need_ptr("o_accum", o_accum, 16, True), num_splits,
-                      _need_ptr("out_scale", out_scale, 4, True), int(static_keys), merge, _stream(stream))
+                      _need_ptr("out_scale", out_scale, 4, True), int(static_keys), _stream(stream))
     _raise_if(rc, "attention")
     return num_splits
