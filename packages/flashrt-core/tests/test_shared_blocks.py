@@ -90,7 +90,7 @@ def test_adaptive_rms_norm_scale_shift_gate_order():
 def test_rope_is_split_half_rotation():
     head_dim = 16
     positions = torch.tensor([[0, 3, 7, 250], [1, 1, 2, 9]])
-    x = torch.randn(2, 3, 4, head_dim)
+    x = torch.randn(2, 3, 4, head_dim, generator=torch.Generator().manual_seed(0))
     cos, sin = gemma.rope_tables(positions, head_dim)
     y = gemma.apply_rope(x, cos, sin)
     for b in range(2):
@@ -99,9 +99,13 @@ def test_rope_is_split_half_rotation():
                 for i in range(head_dim // 2):
                     angle = positions[b, t].item() / 10000 ** (2 * i / head_dim)
                     a, c = x[b, h, t, i].item(), x[b, h, t, i + head_dim // 2].item()
-                    assert y[b, h, t, i].item() == pytest.approx(a * math.cos(angle) - c * math.sin(angle), abs=1e-5)
+                    # the tables hold fp32 angles (as openpi's): at position 250 the fp32 power and
+                    # product (a few 1e-7 relative) move the result by ~angle * 1e-7 * |x|, which
+                    # exceeds a flat 1e-5 for some draws
+                    tol = 1e-5 + 4e-7 * angle * (abs(a) + abs(c))
+                    assert y[b, h, t, i].item() == pytest.approx(a * math.cos(angle) - c * math.sin(angle), abs=tol)
                     assert y[b, h, t, i + head_dim // 2].item() == pytest.approx(
-                        c * math.cos(angle) + a * math.sin(angle), abs=1e-5
+                        c * math.cos(angle) + a * math.sin(angle), abs=tol
                     )
 
 
