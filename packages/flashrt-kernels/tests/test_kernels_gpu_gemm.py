@@ -363,6 +363,176 @@ def test_skinny_gemm_rope_qkv(m, k, hq, hkv, d, offset, dtype):
         "cache rows outside [offset, offset + m) must be untouched"
 
 
+# ------------------------------------------------------------------------------------------------
+# The RMSNorm between two skinny GEMMs folded into them: the first updates the residual (gated) and
+# writes its rows' sums of squares per 64 columns; the second normalises in its prologue.
+
+
+def _row_sumsq_ref(y):
+    """[ceil(n / 64), 64] fp64: sum of y[m, cols]^2 over each 64-column block (rows >= m: NaN)."""
+    m, n = y.shape
+    parts = torch.full((-(-n // 64), 64), float("nan"), dtype=torch.float64, device=y.device)
+    sq = y.double() ** 2
+    for j in range(parts.shape[0]):
+        parts[j, :m] = sq[:, j * 64 : (j + 1) * 64].sum(1)
+    return parts
+
+
+def _normed_ref(x, scale, shift, eps=1e-6):
+    """rms_norm(x) * (1 + scale) + shift in fp64 (the norm kernel's formula, Gemma weight folded)."""
+    x = x.double()
+    h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    if scale is not None:
+        h = h * (1 + scale.double())
+    if shift is not None:
+        h = h + shift.double()
+    return h
+
+
+@pytest.mark.parametrize("m,k,n", [(50, 2048, 1024), (51, 4096, 1024), (7, 256, 136), (13, 64, 70), (64, 128, 200)])
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+def test_skinny_gemm_gated_residual_and_row_sumsq(m, k, n, dtype):
+    if dtype == "fp8" and (E4M3 is None or torch.cuda.get_device_capability() < (8, 9)):
+        pytest.skip("E4M3 needs torch float8 and sm_89+")
+    x, w, bias = rnd(m, k), rnd(n, k, scale=k**-0.5), rnd(n, scale=0.1)
+    res, gate = rnd(m, n), rnd(n, scale=0.5)
+    args = {}
+    if dtype == "fp8":
+        x, w, xs, ws, args = _fp8_operands(x, w)
+        y = gemm_ref(x.double() * xs, w.double() * ws, 0.5, bias)
+    else:
+        y = gemm_ref(x, w, 0.5, bias)
+    ref = (res.double() + y.to(BF16).double() * gate.double()).to(BF16)  # add_rms_norm's update
+    out = res.clone()  # in place, as the pipeline runs it
+    sumsq = torch.full((-(-n // 64), 64), float("nan"), dtype=torch.float32, device=DEV)
+    fk.skinny_gemm(x.data_ptr(), w.data_ptr(), out.data_ptr(), m, n, k, bias=bias.data_ptr(),
+                   residual=out.data_ptr(), gate=gate.data_ptr(), row_sumsq=sumsq.data_ptr(), alpha=0.5,
+                   dtype=dtype, stream=stream(), **args)
+    check(out, ref, atol=2e-2 * ref.abs().max().item(), rtol=2e-2, what=f"gated residual {dtype}")
+    want = _row_sumsq_ref(out)  # of the values it stored, whatever their last-bit rounding
+    assert not torch.isnan(sumsq[:, :m]).any(), "row_sumsq: a row of a column block was not written"
+    torch.testing.assert_close(sumsq[:, :m].double(), want[:, :m], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("op", ["store", "geglu", "rope_qkv"])
+@pytest.mark.parametrize("m,k", [(50, 1024), (51, 2048), (7, 256), (64, 528)])
+@pytest.mark.parametrize("dtype,mod", [("bf16", False), ("bf16", True), ("fp8", True)])
+def test_skinny_gemm_norm_prologue(op, m, k, dtype, mod):
+    """x = rms_norm(norm_x) * (1 + scale) + shift computed in the GEMM's prologue, from the sums of
+    squares a producer wrote; rows >= m of those sums hold NaN and must not leak into any output."""
+    if dtype == "fp8" and (E4M3 is None or torch.cuda.get_device_capability() < (8, 9)):
+        pytest.skip("E4M3 needs torch float8 and sm_89+")
+    norm_x = rnd(m, k, scale=2.0)
+    scale, shift = (rnd(k, scale=0.2), rnd(k, scale=0.2)) if mod else (None, None)
+    sumsq = _row_sumsq_ref(norm_x).float().contiguous()  # rows >= m: NaN, as a producer leaves them
+    h = _normed_ref(norm_x, scale, shift)
+    n = {"store": 300, "geglu": 2 * 264, "rope_qkv": (4 + 2 * 1) * 64}[op]
+    w = rnd(n, k, scale=k**-0.5)
+    args = dict(norm_x=norm_x.data_ptr(), norm_sumsq=sumsq.data_ptr(), norm_eps=1e-6,
+                norm_scale=scale.data_ptr() if mod else 0, norm_shift=shift.data_ptr() if mod else 0)
+    if dtype == "fp8":
+        xs, ws = float(h.abs().max()) / 448, float(w.float().abs().max()) / 448
+        w = fp8_ref(w.float(), ws)
+        args.update(x_scale=scalar(xs).data_ptr(), w_scale=scalar(ws).data_ptr())
+        # the prologue rounds h to E4M3 at xs as the norm kernel does; the reference takes the same
+        # rounding of the exact h (a last-bit difference in rstd can flip a value: the tolerances)
+        x_ref, w_ref = fp8_ref(h, xs).double() * xs, w.double() * ws
+    else:
+        x_ref, w_ref = h.to(BF16).double(), w.double()
+    if op == "store":
+        out = poisoned(m, n)
+        fk.skinny_gemm(0, w.data_ptr(), out.data_ptr(), m, n, k, dtype=dtype, stream=stream(), **args)
+        ref = gemm_ref(x_ref, w_ref)
+    elif op == "geglu":
+        inter = n // 2
+        out = poisoned(m, inter)
+        fk.skinny_gemm_geglu(0, w.data_ptr(), out.data_ptr(), m, n, k, dtype=dtype, stream=stream(), **args)
+        y = gemm_ref(x_ref, w_ref)  # interleaved (gate, up) columns
+        ref = gelu_tanh_ref(y[:, 0::2]) * y[:, 1::2]
+    else:
+        hq, hkv, d = 4, 1, 64
+        positions = torch.randint(0, 900, (m,), device=DEV, dtype=torch.int32)
+        out = poisoned(m, hq, d)
+        k_cache, v_cache = poisoned(m, hkv, d), poisoned(m, hkv, d)
+        fk.skinny_gemm_rope_qkv(0, w.data_ptr(), positions.data_ptr(), out.data_ptr(), k_cache.data_ptr(),
+                                v_cache.data_ptr(), m, k, hq, hkv, d, dtype=dtype, stream=stream(), **args)
+        order = torch.tensor(fk.rope_row_order(hq, hkv, d), device=DEV)
+        qkv = gemm_ref(x_ref, w_ref[torch.argsort(order)]).view(m, hq + 2 * hkv, d)
+        ref = rope_ref(qkv[:, :hq], positions)
+        check(k_cache, rope_ref(qkv[:, hq : hq + hkv], positions), atol=3e-2, rtol=3e-2,
+              what=f"norm prologue rope k {dtype}")
+        check(v_cache, qkv[:, hq + hkv :], atol=3e-2, rtol=3e-2, what=f"norm prologue rope v {dtype}")
+    rel = 3e-2 if dtype == "fp8" else 1e-2
+    check_rel(out, ref, rel=rel, what=f"norm prologue {op} {dtype}")
+    check(out, ref, atol=5 * rel * ref.abs().max().item(), rtol=5 * rel, what=f"norm prologue {op} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp8"])
+@pytest.mark.parametrize("graph", [False, True])
+def test_skinny_norm_fusion_chain_matches_norm_kernel(dtype, graph):
+    """The expert's attention-out block as the pipeline runs it, fused against unfused:
+    o GEMM (gated residual, row sums) -> gate/up GEMM (norm prologue, GeGLU) against
+    o GEMM -> add_rms_norm (adaRMS) -> gate/up GEMM, with PDL, eagerly and in a CUDA graph."""
+    if dtype == "fp8" and (E4M3 is None or torch.cuda.get_device_capability() < (8, 9)):
+        pytest.skip("E4M3 needs torch float8 and sm_89+")
+    m, width, inner, inter = 50, 1024, 2048, 4096
+    attn, res = rnd(m, inner), rnd(m, width, scale=4.0)
+    w_o, w_gu = rnd(width, inner, scale=inner**-0.5), rnd(2 * inter, width, scale=width**-0.5)
+    gate, scale, shift = rnd(width, scale=0.5), rnd(width, scale=0.2), rnd(width, scale=0.2)
+    q = {}
+    if dtype == "fp8":
+        s_attn, s_o, s_gu = 0.02, float(w_o.float().abs().max()) / 448, float(w_gu.float().abs().max()) / 448
+        attn, w_o, w_gu = fp8_ref(attn.float(), s_attn), fp8_ref(w_o.float(), s_o), fp8_ref(w_gu.float(), s_gu)
+        s_h, s_out = 0.02, 0.05
+        q = dict(o=dict(dtype="fp8", x_scale=scalar(s_attn).data_ptr(), w_scale=scalar(s_o).data_ptr()),
+                 gu=dict(dtype="fp8", x_scale=scalar(s_h).data_ptr(), w_scale=scalar(s_gu).data_ptr(),
+                         out_scale=scalar(s_out).data_ptr()))
+    else:
+        q = dict(o={}, gu={})
+    out_dtype = E4M3 if dtype == "fp8" else BF16
+
+    def fused(x, out, sumsq, s):
+        fk.skinny_gemm(attn.data_ptr(), w_o.data_ptr(), x.data_ptr(), m, width, inner, residual=x.data_ptr(),
+                       gate=gate.data_ptr(), row_sumsq=sumsq.data_ptr(), stream=s, **q["o"])
+        fk.skinny_gemm_geglu(0, w_gu.data_ptr(), out.data_ptr(), m, 2 * inter, width, norm_x=x.data_ptr(),
+                             norm_sumsq=sumsq.data_ptr(), norm_scale=scale.data_ptr(), norm_shift=shift.data_ptr(),
+                             stream=s, **q["gu"])
+
+    def unfused(x, out, y, h, s):
+        fk.skinny_gemm(attn.data_ptr(), w_o.data_ptr(), y.data_ptr(), m, width, inner, stream=s, **q["o"])
+        fk.add_rms_norm(y.data_ptr(), x.data_ptr(), 0, h.data_ptr(), m, width, weight_offset=0.0,
+                        gate=gate.data_ptr(), mod_scale=scale.data_ptr(), mod_shift=shift.data_ptr(),
+                        out_scale=q["gu"].get("x_scale", 0), stream=s)
+        fk.skinny_gemm_geglu(h.data_ptr(), w_gu.data_ptr(), out.data_ptr(), m, 2 * inter, width, stream=s,
+                             **q["gu"])
+
+    x_f, out_f = res.clone(), poisoned(m, inter, dtype=out_dtype)
+    sumsq = torch.full((width // 64, 64), float("nan"), dtype=torch.float32, device=DEV)
+    if graph:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fused(res.clone(), poisoned(m, inter, dtype=out_dtype), sumsq.clone(), s.cuda_stream)  # warm-up
+        s.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=s):
+            fused(x_f, out_f, sumsq, s.cuda_stream)
+        x_f.copy_(res)
+        out_f.view(torch.uint8).fill_(0x7F)  # NaN in bf16 (0x7F7F) and in E4M3 alike
+        g.replay()
+    else:
+        fused(x_f, out_f, sumsq, stream())
+    x_u, out_u = res.clone(), poisoned(m, inter, dtype=out_dtype)
+    unfused(x_u, out_u, poisoned(m, width), poisoned(m, width, dtype=out_dtype), stream())
+    torch.cuda.synchronize()
+    assert torch.equal(x_f, x_u), "the fused GEMM's residual update differs from add_rms_norm's"
+    if dtype == "fp8":  # a last-bit rstd difference may flip an E4M3 rounding of h: compare values
+        check_rel(out_f.float(), out_u.float(), rel=2e-2, what="fused chain fp8")
+    else:
+        check_rel(out_f, out_u, rel=5e-3, what="fused chain bf16")
+        check(out_f, out_u.float(), atol=2e-2 * out_u.float().abs().max().item(), rtol=2e-2, what="fused chain")
+
+
 @pytest.mark.parametrize("m,k,n", [(50, 32, 1024), (50, 1024, 32), (1, 32, 1024), (5, 7, 3)])
 @pytest.mark.parametrize("x_dtype,out_dtype,accumulate", [("fp32", "fp32", False), ("bf16", "fp32", True),
                                                           ("fp32", "bf16", False), ("bf16", "bf16", True)])
