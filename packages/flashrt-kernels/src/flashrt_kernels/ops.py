@@ -22,6 +22,7 @@ GEMM_EPILOGUES = {"none": 0, "gelu_tanh": 1}
 ATTN_DTYPES = {"bf16": 0, "fp16": 1}
 ATTN_HEAD_DIMS = (16, 32, 48, 64, 72, 96, 128, 256)
 SKINNY_MAX_M = 64
+SKINNY_STAT_COLS = 64  # columns per row_sumsq partial (kSkinnyStatCols): [ceil(n / 64), 64] fp32
 # cuBLASLt workspace that lets it pick its fastest Hopper kernels.
 GEMM_WORKSPACE_BYTES = 32 * 1024 * 1024
 

@@ -171,13 +171,15 @@ class KernelOps(TorchOps):
         """x += (h @ W^T) (* gate) in the skinny GEMM's epilogue, which also sums each updated row's
         squares for the norm after it (``rms_norm`` then folds into the GEMM that reads it: two
         kernels fewer per expert layer). Elsewhere as TorchOps: the next norm adds the output."""
-        a = self._skinny_ready(h, lin) if self.fold_norms else None
         n = lin.weight.shape[0]
-        if (a is None or x.dtype != torch.bfloat16 or not x.is_contiguous() or x.shape != (a.shape[0], n)
-                or (gate is not None and not gate.bf16.is_contiguous())):
+        foldable = (self.fold_norms and x.dtype == torch.bfloat16 and x.is_contiguous()
+                    and x.shape == (h.shape[0], n) and (gate is None or gate.bf16.is_contiguous()))
+        a = self._skinny_ready(h, lin) if foldable else None  # quantises h: only where it is used
+        if a is None:
             return super().linear_residual(h, lin, x, gate)
         m, k = a.shape
-        parts = torch.empty((-(-n // 64), 64), dtype=torch.float32, device=x.device)
+        cols = self.fk.SKINNY_STAT_COLS
+        parts = torch.empty((-(-n // cols), cols), dtype=torch.float32, device=x.device)
         self.fk.skinny_gemm(a.data_ptr(), lin.weight.data_ptr(), x.data_ptr(), m, n, k, residual=x.data_ptr(),
                             gate=_ptr(gate.bf16) if gate is not None else 0, row_sumsq=parts.data_ptr(),
                             **self._operands(lin))
