@@ -19,35 +19,20 @@ SkinnyGemmParams operands(Addr x, Addr w, Addr bias, int m, int n, int k, bool f
   p.k = k;
   return p;
 }
-
-void norm_prologue(SkinnyGemmParams& p, Addr norm_x, Addr norm_sumsq, Addr norm_scale, Addr norm_shift,
-                   float norm_eps) {
-  p.norm_x = reinterpret_cast<const __nv_bfloat16*>(norm_x);
-  p.norm_sumsq = reinterpret_cast<const float*>(norm_sumsq);
-  p.norm_scale = reinterpret_cast<const __nv_bfloat16*>(norm_scale);
-  p.norm_shift = reinterpret_cast<const __nv_bfloat16*>(norm_shift);
-  p.norm_eps = norm_eps;
-}
 }  // namespace
 
-int skinny_gemm(Addr x, Addr w, Addr y, Addr bias, Addr residual, Addr gate, Addr row_sumsq, float alpha, int m,
-                int n, int k, int split, bool fp8, Addr x_scale, Addr w_scale, bool pdl, Addr stream, Addr norm_x,
-                Addr norm_sumsq, Addr norm_scale, Addr norm_shift, float norm_eps) {
+int skinny_gemm(Addr x, Addr w, Addr y, Addr bias, Addr residual, float alpha, int m, int n, int k, int split,
+                bool fp8, Addr x_scale, Addr w_scale, bool pdl, Addr stream) {
   SkinnyGemmParams p = operands(x, w, bias, m, n, k, fp8, x_scale, w_scale, pdl);
-  norm_prologue(p, norm_x, norm_sumsq, norm_scale, norm_shift, norm_eps);
   p.y = reinterpret_cast<__nv_bfloat16*>(y);
   p.residual = reinterpret_cast<const __nv_bfloat16*>(residual);
-  p.gate = reinterpret_cast<const __nv_bfloat16*>(gate);
-  p.row_sumsq = reinterpret_cast<float*>(row_sumsq);
   p.alpha = alpha;
   return int(skinny_gemm_launch(p, split, reinterpret_cast<cudaStream_t>(stream)));
 }
 
 int skinny_gemm_geglu(Addr x, Addr w, Addr out, Addr bias, int m, int n, int k, int split, bool fp8, Addr x_scale,
-                      Addr w_scale, Addr out_scale, bool pdl, Addr stream, Addr norm_x, Addr norm_sumsq,
-                      Addr norm_scale, Addr norm_shift, float norm_eps) {
+                      Addr w_scale, Addr out_scale, bool pdl, Addr stream) {
   SkinnyGemmParams p = operands(x, w, bias, m, n, k, fp8, x_scale, w_scale, pdl);
-  norm_prologue(p, norm_x, norm_sumsq, norm_scale, norm_shift, norm_eps);
   p.epilogue = kSkinnyGeglu;
   p.out = reinterpret_cast<void*>(out);
   p.out_scale = reinterpret_cast<const float*>(out_scale);
@@ -56,10 +41,8 @@ int skinny_gemm_geglu(Addr x, Addr w, Addr out, Addr bias, int m, int n, int k, 
 
 int skinny_gemm_rope_qkv(Addr x, Addr w, Addr bias, Addr positions, Addr q_out, Addr k_cache, Addr v_cache, int m,
                          int k, int heads_q, int heads_kv, int head_dim, int64_t cache_offset, float theta,
-                         int split, bool fp8, Addr x_scale, Addr w_scale, bool pdl, Addr stream, Addr norm_x,
-                         Addr norm_sumsq, Addr norm_scale, Addr norm_shift, float norm_eps) {
+                         int split, bool fp8, Addr x_scale, Addr w_scale, bool pdl, Addr stream) {
   SkinnyGemmParams p = operands(x, w, bias, m, (heads_q + 2 * heads_kv) * head_dim, k, fp8, x_scale, w_scale, pdl);
-  norm_prologue(p, norm_x, norm_sumsq, norm_scale, norm_shift, norm_eps);
   p.epilogue = kSkinnyRopeQkv;
   p.positions = reinterpret_cast<const int32_t*>(positions);
   p.q_out = reinterpret_cast<__nv_bfloat16*>(q_out);

@@ -66,30 +66,6 @@ def test_arguments_are_checked_before_any_cuda_call():
         fk.amax(1.5, 8, 0x1000)
 
 
-def test_skinny_norm_fold_arguments_are_checked_before_any_cuda_call():
-    # the gated residual / row sums of the GEMM before a folded norm, the norm prologue after it
-    with pytest.raises(ValueError, match="pass residual"):
-        fk.skinny_gemm(0x1000, 0x2000, 0x3000, 4, 64, 64, gate=0x4000)
-    with pytest.raises(ValueError, match="either x or norm_x"):
-        fk.skinny_gemm(0x1000, 0x2000, 0x3000, 4, 64, 64, norm_x=0x4000, norm_sumsq=0x5000)
-    with pytest.raises(ValueError, match="pass norm_x too"):
-        fk.skinny_gemm_geglu(0x1000, 0x2000, 0x3000, 4, 64, 64, norm_scale=0x4000)
-    with pytest.raises(ValueError, match="norm_sumsq: expected a device address"):
-        fk.skinny_gemm_geglu(0, 0x2000, 0x3000, 4, 64, 64, norm_x=0x4000)
-    with pytest.raises(ValueError, match="norm_eps"):
-        fk.skinny_gemm_rope_qkv(0, 0x2000, 0x3000, 0x4000, 0x5000, 0x6000, 4, 64, 1, 1, 64, norm_x=0x7000,
-                                norm_sumsq=0x8000, norm_eps=0.0)
-    with pytest.raises(TypeError, match="norm_scal"):
-        fk.skinny_gemm(0, 0x2000, 0x3000, 4, 64, 64, norm_x=0x4000, norm_sumsq=0x5000, norm_scal=0x6000)
-    # the launcher refuses what the Python layer would have: a gate without a residual, a norm
-    # prologue without its row sums (cudaErrorInvalidValue, nothing launched)
-    from flashrt_kernels import _C
-
-    rest = (1.0, 4, 64, 64, 0, False, 0, 0, True, 0)  # alpha, m, n, k, split, fp8, scales, pdl, stream
-    assert _C.skinny_gemm(0x1000, 0x2000, 0x3000, 0, 0, 0x4000, 0, *rest, 0, 0, 0, 0, 1e-6) == 1
-    assert _C.skinny_gemm(0, 0x2000, 0x3000, 0, 0, 0, 0, *rest, 0x4000, 0, 0, 0, 1e-6) == 1
-
-
 def test_binding_reports_invalid_values_as_cuda_codes():
     # The raw binding returns cudaErrorInvalidValue (1) for a hidden size the kernel cannot take,
     # without launching anything; the Python layer turns such codes into CudaError.

@@ -31,20 +31,15 @@ int gemm(Addr x, Addr w, Addr d, Addr c, Addr bias, Addr x_scale, Addr w_scale, 
 void gemm_cache_clear();
 size_t gemm_cache_size();
 
-// The skinny GEMMs' RMSNorm prologue (norm_x != 0 replaces x; see SkinnyGemmParams) is the
-// trailing (norm_x, norm_sumsq, norm_scale, norm_shift, norm_eps) of each.
-int skinny_gemm(Addr x, Addr w, Addr y, Addr bias, Addr residual, Addr gate, Addr row_sumsq, float alpha, int m,
-                int n, int k, int split, bool fp8, Addr x_scale, Addr w_scale, bool pdl, Addr stream, Addr norm_x,
-                Addr norm_sumsq, Addr norm_scale, Addr norm_shift, float norm_eps);
+int skinny_gemm(Addr x, Addr w, Addr y, Addr bias, Addr residual, float alpha, int m, int n, int k, int split,
+                bool fp8, Addr x_scale, Addr w_scale, bool pdl, Addr stream);
 int small_linear(Addr x, Addr w, Addr bias, Addr out, int m, int n, int k, bool x_bf16, bool out_bf16,
                  bool accumulate, Addr stream);
 int skinny_gemm_geglu(Addr x, Addr w, Addr out, Addr bias, int m, int n, int k, int split, bool fp8, Addr x_scale,
-                      Addr w_scale, Addr out_scale, bool pdl, Addr stream, Addr norm_x, Addr norm_sumsq,
-                      Addr norm_scale, Addr norm_shift, float norm_eps);
+                      Addr w_scale, Addr out_scale, bool pdl, Addr stream);
 int skinny_gemm_rope_qkv(Addr x, Addr w, Addr bias, Addr positions, Addr q_out, Addr k_cache, Addr v_cache, int m,
                          int k, int heads_q, int heads_kv, int head_dim, int64_t cache_offset, float theta,
-                         int split, bool fp8, Addr x_scale, Addr w_scale, bool pdl, Addr stream, Addr norm_x,
-                         Addr norm_sumsq, Addr norm_scale, Addr norm_shift, float norm_eps);
+                         int split, bool fp8, Addr x_scale, Addr w_scale, bool pdl, Addr stream);
 
 int rope_qkv(Addr qkv, Addr positions, Addr q_out, Addr k_cache, Addr v_cache, int tokens, int heads_q,
              int heads_kv, int head_dim, int64_t cache_offset, float theta, float q_scale, int64_t q_row_stride,

@@ -52,24 +52,7 @@ struct SkinnyGemmParams {
   int heads_q = 0, heads_kv = 0, head_dim = 0;
   int64_t cache_offset = 0;
   float theta = 10000.0f;
-  // Gated residual (store epilogue with residual): y = residual + gate[n] * bf16(acc), rounded to
-  // bf16, the residual update add_rms_norm does, so the norm after this GEMM needs no second input.
-  const __nv_bfloat16* gate = nullptr;      // [N] or null
-  // Row statistics for an RMSNorm of y folded into the next skinny GEMM (store epilogue):
-  // row_sumsq[(n / 64) * 64 + m] = sum of y[m, n']^2 over this block's 64 columns n' (stored values).
-  float* row_sumsq = nullptr;               // [ceil(N / 64)][64] or null
-  // RMSNorm prologue, instead of x: X = rms(norm_x) * (1 + norm_scale) + norm_shift, as the norm
-  // kernel computes it (E4M3 at x_scale when fp8); the rows' sums of squares are the
-  // row_sumsq of the GEMM that wrote norm_x ([ceil(K / 64)][64]). Saves the norm kernel.
-  const __nv_bfloat16* norm_x = nullptr;    // [M, K] bf16
-  const float* norm_sumsq = nullptr;
-  const __nv_bfloat16* norm_scale = nullptr;  // [K] or null
-  const __nv_bfloat16* norm_shift = nullptr;  // [K] or null
-  float norm_eps = 1e-6f;
 };
-
-// Columns per row_sumsq partial: the block tile's W rows (RG = 4), the only instantiated shape.
-constexpr int kSkinnyStatCols = 64;
 
 constexpr int kSkinnyStore = 0;
 constexpr int kSkinnyGeglu = 1;
@@ -113,19 +96,8 @@ __host__ __device__ constexpr int recv_offset() {
   return x > part ? x : part;
 }
 template <int MT, int RG, bool FP8>
-__host__ __device__ constexpr int raw_offset() {
-  return recv_offset<MT, RG, FP8>() + (MT * 8 + kMaxSplit) * Shape<RG, FP8>::kPartLd * 4;
-}
-// The RMSNorm prologue's shared memory: each X row's bf16 inputs of one stage (512 columns for
-// both dtypes), padded by 16 bytes so the 8 rows a quarter-warp reads do not share banks; then
-// the stage's scale and shift columns.
-template <int RG, bool FP8>
-constexpr int kStageCols = Shape<RG, FP8>::kStage * kChunkK<FP8>;
-template <int RG, bool FP8>
-constexpr int kRawStride = kStageCols<RG, FP8> * 2 + 16;
-template <int MT, int RG, bool FP8, bool NORM>
 __host__ __device__ constexpr int smem_bytes() {
-  return raw_offset<MT, RG, FP8>() + (NORM ? MT * 8 * kRawStride<RG, FP8> + 2 * kStageCols<RG, FP8> * 2 : 0);
+  return recv_offset<MT, RG, FP8>() + (MT * 8 + kMaxSplit) * Shape<RG, FP8>::kPartLd * 4;
 }
 
 // bf16: m16n8k16; E4M3: m16n8k32. In both, a 32-bit register holds the k-consecutive values a
@@ -236,14 +208,6 @@ __device__ __forceinline__ uint4 lds128(const uint8_t* p) {
   return *reinterpret_cast<const uint4*>(p);
 }
 
-// Four bf16 at an 8-byte aligned address -> floats.
-__device__ __forceinline__ void load_bf16x4(const __nv_bfloat16* src, float (&v)[4]) {
-  const uint2 raw = *reinterpret_cast<const uint2*>(src);
-  const auto* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-  const float2 a = __bfloat1622float2(h[0]), b = __bfloat1622float2(h[1]);
-  v[0] = a.x; v[1] = a.y; v[2] = b.x; v[3] = b.y;
-}
-
 // GeGLU epilogue: v = (gate_j, up_j, gate_j+1, up_j+1) of output row m, j = n / 2.
 __device__ __forceinline__ void store_geglu(const SkinnyGemmParams& p, int m, int n, const float (&v)[4]) {
   const float o0 = gelu_tanh(v[0]) * v[1], o1 = gelu_tanh(v[2]) * v[3];
@@ -291,128 +255,10 @@ __device__ __forceinline__ void store_rope_qkv(const SkinnyGemmParams& p, int m,
   *reinterpret_cast<__nv_bfloat162*>(dst + i + half) = __floats2bfloat162_rn(hi[0], hi[1]);
 }
 
-// The RMSNorm prologue's X stage (chunks [s0, s1)), in two steps so that one memory round trip
-// after the grid-dependency wait covers everything it reads:
-// 1. normed_x_issue: each thread copies the bf16 inputs of the stage bytes the cp.async path would
-//    copy for it (row x_r, bytes x_g .. x_g + 31 of every chunk) into its own slice of `raw`, and
-//    threads 0..127 copy the stage's scale / shift columns into `mods`; one cp.async group;
-// 2. (the caller loads the rows' statistics meanwhile) normed_x_store: waits for the group, then
-//    writes rms(x) * (1 + scale) + shift in the X stage's dtype, as the norm kernel rounds it.
-template <int MT, int RG, bool FP8>
-__device__ __forceinline__ void normed_x_issue(const SkinnyGemmParams& p, uint8_t* raw, uint8_t* mods, int s0,
-                                               int s1) {
-  using S = Shape<RG, FP8>;
-  constexpr int kElem = FP8 ? 1 : 2;
-  constexpr int kTC = 32 / kElem;  // columns per thread and chunk
-  constexpr int kCK = kChunkK<FP8>;
-  constexpr int kGranules = kStageCols<RG, FP8> / 8;  // 16-byte pieces of one modulation vector
-  static_assert(2 * kGranules <= kWarps * 32, "one modulation granule per thread");
-  const int col0 = s0 * kCK;
-  {
-    const int t = int(threadIdx.x), which = t / kGranules, gcol = col0 + (t % kGranules) * 8;
-    const __nv_bfloat16* vec = which == 0 ? p.norm_scale : p.norm_shift;
-    if (which < 2) {
-      const bool ok = vec != nullptr && gcol < min(p.k, s1 * kCK);
-      cp_async_16_or_zero(mods + t * 16, ok ? vec + gcol : p.norm_x, ok);
-    }
-  }
-  const int x_r = threadIdx.x >> 2, x_g = (threadIdx.x & 3) * 32;
-  if (x_r < MT * 8) {
-    const bool row_ok = x_r < p.m;
-    const __nv_bfloat16* src = p.norm_x + int64_t(min(x_r, p.m - 1)) * p.k;
-    uint8_t* mine = raw + x_r * kRawStride<RG, FP8>;
-#pragma unroll
-    for (int cc = 0; cc < S::kStage; ++cc) {
-      const int col = (s0 + cc) * kCK + x_g / kElem;
-#pragma unroll
-      for (int u = 0; u < kTC / 8; ++u) {
-        const bool ok = row_ok && s0 + cc < s1 && col + 8 * u < p.k;
-        cp_async_16_or_zero(mine + (cc * kCK + x_g / kElem + 8 * u) * 2, ok ? src + col + 8 * u : p.norm_x, ok);
-      }
-    }
-  }
-  cp_async_commit();
-}
-
-template <int MT, int RG, bool FP8>
-__device__ __forceinline__ void normed_x_store(const SkinnyGemmParams& p, uint8_t* xs, const uint8_t* raw,
-                                               const uint8_t* mods, int s0, int s1, float rstd, float inv_scale) {
-  using S = Shape<RG, FP8>;
-  constexpr int kElem = FP8 ? 1 : 2;
-  constexpr int kTC = 32 / kElem;
-  constexpr int kCK = kChunkK<FP8>;
-  cp_async_wait_group_n<0>();
-  __syncthreads();  // the modulation columns came from other threads' copies
-  const int x_r = threadIdx.x >> 2, x_g = (threadIdx.x & 3) * 32;
-  if (x_r >= MT * 8) return;
-  const bool row_ok = x_r < p.m;
-  const uint8_t* mine = raw + x_r * kRawStride<RG, FP8>;
-  const uint8_t* scale = mods;
-  const uint8_t* shift = mods + kStageCols<RG, FP8> * 2;
-#pragma unroll
-  for (int cc = 0; cc < S::kStage; ++cc) {
-    if (s0 + cc >= s1) break;
-    uint32_t words[8];
-#pragma unroll
-    for (int u = 0; u < kTC / 8; ++u) {
-      const int sc = cc * kCK + x_g / kElem + 8 * u;  // column within the stage
-      const bool ok = row_ok && s0 * kCK + sc < p.k;
-      float v[8], t[8];
-      unpack_bf16x8(lds128(mine + sc * 2), v);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) v[e] *= rstd;
-      if (p.norm_scale) {
-        unpack_bf16x8(lds128(scale + sc * 2), t);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) v[e] *= 1.0f + t[e];
-      }
-      if (p.norm_shift) {
-        unpack_bf16x8(lds128(shift + sc * 2), t);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) v[e] += t[e];
-      }
-#pragma unroll
-      for (int e = 0; e < 8; ++e) v[e] = ok ? v[e] : 0.0f;  // padding rows and k >= K stay exactly zero
-      if constexpr (FP8) {
-        const uint2 q8 = pack_fp8x8(v, inv_scale);
-        words[2 * u] = q8.x;
-        words[2 * u + 1] = q8.y;
-      } else {
-        const uint4 b = pack_bf16x8(v);
-        words[4 * u] = b.x;
-        words[4 * u + 1] = b.y;
-        words[4 * u + 2] = b.z;
-        words[4 * u + 3] = b.w;
-      }
-    }
-    uint4* dst = reinterpret_cast<uint4*>(xs + x_r * S::kXStride + cc * kChunkBytes + x_g);
-    dst[0] = make_uint4(words[0], words[1], words[2], words[3]);
-    dst[1] = make_uint4(words[4], words[5], words[6], words[7]);
-  }
-}
-
-// 1 / rms of X row r from the [ceil(K / 64)][64] partial sums, added in a fixed order; the loads
-// go out 16 at a time (issued one by one, as in the first version, each took a memory round trip:
-// the probable cause of that version's ~14 us more per folded GEMM).
-__device__ __forceinline__ float row_rstd(const SkinnyGemmParams& p, int r) {
-  const int parts = (p.k + kSkinnyStatCols - 1) / kSkinnyStatCols;
-  float total = 0.0f;
-  for (int j0 = 0; j0 < parts; j0 += 16) {
-    float v[16];
-#pragma unroll
-    for (int u = 0; u < 16; ++u) v[u] = j0 + u < parts ? p.norm_sumsq[(j0 + u) * kSkinnyStatCols + r] : 0.0f;
-#pragma unroll
-    for (int u = 0; u < 16; ++u) total += v[u];
-  }
-  return rsqrtf(total / float(p.k) + p.norm_eps);
-}
-
 // Two blocks per SM keep enough weight bytes in flight; at MT = 8 that register cap (128) spills,
-// so the rare M > 56 case runs one block per SM instead. So does the bf16 RMSNorm prologue, whose
-// shared memory (~138 KB at MT = 7) leaves room for one block anyway.
-template <int MT, int RG, bool FP8, bool NORM>
-__global__ void __launch_bounds__(kWarps * 32, MT >= 8 || (NORM && !FP8) ? 1 : 2)
-    skinny_gemm_kernel(SkinnyGemmParams p) {
+// so the rare M > 56 case runs one block per SM instead.
+template <int MT, int RG, bool FP8>
+__global__ void __launch_bounds__(kWarps * 32, MT >= 8 ? 1 : 2) skinny_gemm_kernel(SkinnyGemmParams p) {
   using S = Shape<RG, FP8>;
   constexpr int kRowGroups = S::kRowGroups, kKWarps = S::kKWarps, kRows = S::kRows;
   constexpr int kElem = FP8 ? 1 : 2;    // bytes per value
@@ -424,8 +270,6 @@ __global__ void __launch_bounds__(kWarps * 32, MT >= 8 || (NORM && !FP8) ? 1 : 2
   uint8_t* xs = smem;                               // [kCols][kXStr] bytes, one stage of X
   float* tile = reinterpret_cast<float*>(smem);     // k-warp partials after the main loop (aliases xs)
   float* recv = reinterpret_cast<float*>(smem + recv_offset<MT, RG, FP8>());  // pushed partials (own region)
-  uint8_t* raw = smem + raw_offset<MT, RG, FP8>();  // NORM: each thread's bf16 inputs of a stage
-  uint8_t* mods = raw + MT * 8 * kRawStride<RG, FP8>;  // NORM: the stage's scale / shift columns
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, q = lane & 3;
@@ -467,7 +311,6 @@ __global__ void __launch_bounds__(kWarps * 32, MT >= 8 || (NORM && !FP8) ? 1 : 2
   for (int t = 0; t < MT; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f;
 
   bool waited = false;
-  float rstd = 0.0f, inv_x_scale = 1.0f;  // NORM: this thread's X row, the E4M3 input scale
 #pragma unroll 1
   for (int s0 = c_begin; s0 < c_end; s0 += kStage) {
     const int s1 = min(c_end, s0 + kStage);
@@ -489,21 +332,11 @@ __global__ void __launch_bounds__(kWarps * 32, MT >= 8 || (NORM && !FP8) ? 1 : 2
     if (!waited) {
       grid_dependency_wait();
       waited = true;
-      if constexpr (NORM) {
-        normed_x_issue<MT, RG, FP8>(p, raw, mods, s0, s1);
-        // the row's statistics (from the GEMM that wrote norm_x) while the copies fly
-        const int r = threadIdx.x >> 2;
-        if (r < kCols && r < p.m) rstd = row_rstd(p, r);
-        if (FP8 && p.x_scale) inv_x_scale = 1.0f / __ldg(p.x_scale);
-      }
     } else {
       __syncthreads();  // every warp is done reading the previous stage
-      if constexpr (NORM) normed_x_issue<MT, RG, FP8>(p, raw, mods, s0, s1);
     }
-    if constexpr (NORM) {
-      normed_x_store<MT, RG, FP8>(p, xs, raw, mods, s0, s1, rstd, inv_x_scale);
-    } else {
-      // One cp.async group per chunk, so the MMAs of the first chunks start while later ones land.
+    // One cp.async group per chunk, so the MMAs of the first chunks start while later ones land.
+    {
       // Thread t copies X row t / 4, granules 2 (t % 4) and 2 (t % 4) + 1 of every chunk (rows >= m
       // are zero-filled). Set up here, not before the W loads: registers live across those made
       // the compiler sink the W loads below the dependency wait.
@@ -633,70 +466,56 @@ __global__ void __launch_bounds__(kWarps * 32, MT >= 8 || (NORM && !FP8) ? 1 : 2
   }
   const int m_lo = rank * rows_per_rank, m_hi = min(p.m, m_lo + rows_per_rank);
   const bool vec_ok = (p.n & 3) == 0;
-  const int total = max(0, m_hi - m_lo) * kVec;
-  // A uniform trip count: a row's kVec outputs are kVec consecutive lanes, which row_sumsq sums
-  // with shuffles.
-  static_assert(32 % kVec == 0, "a row's outputs within one warp");
-  for (int base = 0; base < total; base += kWarps * 32) {
-    const int i = base + int(threadIdx.x);
+  for (int i = threadIdx.x; i < (m_hi - m_lo) * kVec; i += kWarps * 32) {
     const int ml = i / kVec, v4 = (i - ml * kVec) * 4;
     const int m = m_lo + ml, n = n0 + v4;
-    float sumsq = 0.0f;  // of the stored values (row_sumsq)
-    if (i < total && n < p.n) {
-      float4 sum = *reinterpret_cast<const float4*>(recv + ml * kPartLd + v4);
-      for (int s = 1; s < split; ++s) {
-        const float4 o = *reinterpret_cast<const float4*>(recv + (s * rows_per_rank + ml) * kPartLd + v4);
-        sum.x += o.x; sum.y += o.y; sum.z += o.z; sum.w += o.w;
-      }
-      float v[4] = {sum.x * alpha, sum.y * alpha, sum.z * alpha, sum.w * alpha};
-      if (p.epilogue != kSkinnyStore) {  // n % 4 == 0 and no residual (checked by the launcher)
-        if (p.bias) {
-#pragma unroll
-          for (int j = 0; j < 4; ++j) v[j] += __bfloat162float(p.bias[n + j]);
-        }
-        if (p.epilogue == kSkinnyGeglu) {
-          store_geglu(p, m, n, v);
-        } else {
-          store_rope_qkv(p, m, n, v);
-        }
-      } else {
-        const int64_t o = int64_t(m) * p.n + n;
-        const int cols = min(4, p.n - n);
-        float b[4] = {0.0f, 0.0f, 0.0f, 0.0f}, r[4] = {0.0f, 0.0f, 0.0f, 0.0f}, gt[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        if (vec_ok && cols == 4) {
-          if (p.bias) load_bf16x4(p.bias + n, b);
-          if (p.residual) load_bf16x4(p.residual + o, r);
-          if (p.gate) load_bf16x4(p.gate + n, gt);
-        } else {
-          for (int j = 0; j < cols; ++j) {
-            if (p.bias) b[j] = __bfloat162float(p.bias[n + j]);
-            if (p.residual) r[j] = __bfloat162float(p.residual[o + j]);
-            if (p.gate) gt[j] = __bfloat162float(p.gate[n + j]);
-          }
-        }
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          v[j] += b[j];
-          // gated: the GEMM's bf16 output times the gate onto the residual, as add_rms_norm does
-          v[j] = p.gate ? r[j] + round_bf16(v[j]) * gt[j] : v[j] + r[j];
-          v[j] = round_bf16(v[j]);
-          if (j < cols) sumsq += v[j] * v[j];
-        }
-        if (vec_ok && cols == 4) {
-          uint2 out;
-          auto* oh = reinterpret_cast<__nv_bfloat162*>(&out);
-          oh[0] = __floats2bfloat162_rn(v[0], v[1]);
-          oh[1] = __floats2bfloat162_rn(v[2], v[3]);
-          *reinterpret_cast<uint2*>(p.y + o) = out;
-        } else {
-          for (int j = 0; j < cols; ++j) p.y[o + j] = __float2bfloat16_rn(v[j]);
-        }
-      }
+    if (n >= p.n) continue;
+    float4 sum = *reinterpret_cast<const float4*>(recv + ml * kPartLd + v4);
+    for (int s = 1; s < split; ++s) {
+      const float4 o = *reinterpret_cast<const float4*>(recv + (s * rows_per_rank + ml) * kPartLd + v4);
+      sum.x += o.x; sum.y += o.y; sum.z += o.z; sum.w += o.w;
     }
-    if (p.row_sumsq) {
+    float v[4] = {sum.x * alpha, sum.y * alpha, sum.z * alpha, sum.w * alpha};
+    if (p.epilogue != kSkinnyStore) {  // n % 4 == 0 and no residual (checked by the launcher)
+      if (p.bias) {
 #pragma unroll
-      for (int off = kVec / 2; off > 0; off >>= 1) sumsq += __shfl_xor_sync(0xffffffffu, sumsq, off);
-      if (i < total && i % kVec == 0) p.row_sumsq[blockIdx.x * kSkinnyStatCols + m] = sumsq;
+        for (int j = 0; j < 4; ++j) v[j] += __bfloat162float(p.bias[n + j]);
+      }
+      if (p.epilogue == kSkinnyGeglu) {
+        store_geglu(p, m, n, v);
+      } else {
+        store_rope_qkv(p, m, n, v);
+      }
+      continue;
+    }
+    const int64_t o = int64_t(m) * p.n + n;
+    if (vec_ok && n + 3 < p.n) {
+      if (p.bias) {
+        const uint2 braw = *reinterpret_cast<const uint2*>(p.bias + n);
+        const auto* bh = reinterpret_cast<const __nv_bfloat162*>(&braw);
+        const float2 b0 = __bfloat1622float2(bh[0]), b1 = __bfloat1622float2(bh[1]);
+        v[0] += b0.x; v[1] += b0.y; v[2] += b1.x; v[3] += b1.y;
+      }
+      if (p.residual) {
+        const uint2 rraw = *reinterpret_cast<const uint2*>(p.residual + o);
+        const auto* rh = reinterpret_cast<const __nv_bfloat162*>(&rraw);
+        const float2 r0 = __bfloat1622float2(rh[0]), r1 = __bfloat1622float2(rh[1]);
+        v[0] += r0.x; v[1] += r0.y; v[2] += r1.x; v[3] += r1.y;
+      }
+      uint2 out;
+      auto* oh = reinterpret_cast<__nv_bfloat162*>(&out);
+      oh[0] = __floats2bfloat162_rn(v[0], v[1]);
+      oh[1] = __floats2bfloat162_rn(v[2], v[3]);
+      *reinterpret_cast<uint2*>(p.y + o) = out;
+    } else {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (n + j >= p.n) break;
+        float x = v[j];
+        if (p.bias) x += __bfloat162float(p.bias[n + j]);
+        if (p.residual) x += __bfloat162float(p.residual[o + j]);
+        p.y[o + j] = __float2bfloat16_rn(x);
+      }
     }
   }
 }
@@ -717,13 +536,13 @@ inline int skinny_gemm_split(int n, int k, bool fp8, int num_sms, bool clusters_
   return split;
 }
 
-template <int MT, int RG, bool FP8, bool NORM>
+template <int MT, int RG, bool FP8>
 inline cudaError_t skinny_gemm_launch_mt(const SkinnyGemmParams& p, int split, bool pdl, cudaStream_t stream) {
-  auto kernel = skinny::skinny_gemm_kernel<MT, RG, FP8, NORM>;
+  auto kernel = skinny::skinny_gemm_kernel<MT, RG, FP8>;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(unsigned(ceil_div(p.n, 16 * RG)), unsigned(split), 1);
   cfg.blockDim = dim3(skinny::kWarps * 32, 1, 1);
-  constexpr int kSmem = skinny::smem_bytes<MT, RG, FP8, NORM>();
+  constexpr int kSmem = skinny::smem_bytes<MT, RG, FP8>();
   cfg.dynamicSmemBytes = kSmem;
   cfg.stream = stream;
   cudaLaunchAttribute attr[2];
@@ -785,8 +604,8 @@ inline cudaError_t skinny_device_info(SkinnyDeviceInfo* info) {
       // Largest cluster split the device accepts for this kernel (16 needs the non-portable opt-in).
       d.max_cluster = 8;
       // Probed with the largest variant (one block per SM, the most shared memory).
-      auto kernel = skinny::skinny_gemm_kernel<8, 4, false, false>;
-      constexpr int kSmem = skinny::smem_bytes<8, 4, false, false>();
+      auto kernel = skinny::skinny_gemm_kernel<8, 4, false>;
+      constexpr int kSmem = skinny::smem_bytes<8, 4, false>();
       if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess &&
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem) == cudaSuccess) {
         cudaLaunchConfig_t cfg = {};
@@ -811,14 +630,11 @@ inline cudaError_t skinny_device_info(SkinnyDeviceInfo* info) {
   return cudaSuccess;
 }
 
-// M in [1, 64]; K % 8 == 0 (bf16) or % 16 == 0 (E4M3, sm_89+); x (or norm_x, norm_scale,
-// norm_shift), w 16-byte aligned; gate needs a residual; gate and row_sumsq the store epilogue.
+// M in [1, 64]; K % 8 == 0 (bf16) or % 16 == 0 (E4M3, sm_89+); x, w 16-byte aligned.
 // split = 0 chooses; otherwise a power of two (> 1 needs sm_90 clusters).
 inline cudaError_t skinny_gemm_launch(const SkinnyGemmParams& p, int split, cudaStream_t stream) {
   if (p.m <= 0 || p.n <= 0) return cudaSuccess;
   if (p.m > 64 || p.k <= 0 || p.k % (p.fp8 ? 16 : 8) != 0) return cudaErrorInvalidValue;
-  if (p.norm_x ? !p.norm_sumsq : !p.x) return cudaErrorInvalidValue;
-  if ((p.gate && !p.residual) || ((p.gate || p.row_sumsq) && p.epilogue != kSkinnyStore)) return cudaErrorInvalidValue;
   if (p.epilogue == kSkinnyStore) {
     if (!p.y) return cudaErrorInvalidValue;
   } else if (p.epilogue == kSkinnyGeglu) {
@@ -846,11 +662,8 @@ inline cudaError_t skinny_gemm_launch(const SkinnyGemmParams& p, int split, cuda
   const bool pdl = p.pdl && info.cc >= 90;
   // MT = n-tiles of 8 rows of X: 1, 2, 7 (the action expert's 50 / 51 rows), 8.
   const int mt = p.m <= 8 ? 1 : p.m <= 16 ? 2 : p.m <= 56 ? 7 : 8;
-  const bool norm = p.norm_x != nullptr;
-#define FLASHRT_SKINNY_CASE(MT, FP8)                                                         \
-  if (mt == MT && p.fp8 == FP8)                                                              \
-    return norm ? skinny_gemm_launch_mt<MT, rg, FP8, true>(p, split, pdl, stream)            \
-                : skinny_gemm_launch_mt<MT, rg, FP8, false>(p, split, pdl, stream);
+#define FLASHRT_SKINNY_CASE(MT, FP8) \
+  if (mt == MT && p.fp8 == FP8) return skinny_gemm_launch_mt<MT, rg, FP8>(p, split, pdl, stream);
   FLASHRT_SKINNY_CASE(1, false) FLASHRT_SKINNY_CASE(2, false) FLASHRT_SKINNY_CASE(7, false)
   FLASHRT_SKINNY_CASE(8, false) FLASHRT_SKINNY_CASE(1, true) FLASHRT_SKINNY_CASE(2, true)
   FLASHRT_SKINNY_CASE(7, true) FLASHRT_SKINNY_CASE(8, true)

@@ -22,7 +22,6 @@ GEMM_EPILOGUES = {"none": 0, "gelu_tanh": 1}
 ATTN_DTYPES = {"bf16": 0, "fp16": 1}
 ATTN_HEAD_DIMS = (16, 32, 48, 64, 72, 96, 128, 256)
 SKINNY_MAX_M = 64
-SKINNY_STAT_COLS = 64  # columns per row_sumsq partial (kSkinnyStatCols): [ceil(n / 64), 64] fp32
 # cuBLASLt workspace that lets it pick its fastest Hopper kernels.
 GEMM_WORKSPACE_BYTES = 32 * 1024 * 1024
 
@@ -263,8 +262,8 @@ def gemm_cache_size() -> int:
 
 
 def skinny_gemm(x: int, w: int, out: int, m: int, n: int, k: int, *, bias: int = 0, residual: int = 0,
-                gate: int = 0, row_sumsq: int = 0, alpha: float = 1.0, dtype: str = "bf16", x_scale: int = 0,
-                w_scale: int = 0, split: int = 0, pdl: bool = True, stream: int = 0, **norm) -> None:
+                alpha: float = 1.0, dtype: str = "bf16", x_scale: int = 0, w_scale: int = 0, split: int = 0,
+                pdl: bool = True, stream: int = 0) -> None:
     """out[m, n] = alpha * sx * sw * x[m, k] @ w[n, k]^T (+ bias[n]) (+ residual[m, n]) for m <= 64.
 
     Streams w once (tensor cores, cluster split-K on sm_90; measured speed in docs/kernels.md).
@@ -273,85 +272,52 @@ def skinny_gemm(x: int, w: int, out: int, m: int, n: int, k: int, *, bias: int =
     out, bias, residual: bf16; residual may be ``out``. split: 0 chooses; else a power of two <= 16.
     pdl (sm_90): launch as a programmatic dependent of the previous kernel in the stream, so the
     weight stream starts while that kernel finishes (x, residual and out are touched only after it).
-
-    For an RMSNorm of ``out`` folded into the next skinny GEMM (its ``norm_x``): gate (bf16 [n],
-    needs residual) makes it the gated residual update out = residual + gate * bf16(x @ w^T) of
-    add_rms_norm, and row_sumsq (fp32 [ceil(n / 64), 64]) receives each 64-column block's sums of
-    squares of the stored rows. ``norm_*``: the RMSNorm prologue (see ``_skinny_norm``).
     """
     dt = _skinny_checks(m, n, k, dtype, split)
-    if gate and not residual:
-        raise ValueError("skinny_gemm: gate scales the update of a residual; pass residual= too")
-    prologue = _skinny_norm(x, **norm)
-    rc = _C.skinny_gemm(prologue[0], _need_ptr("w", w), _need_ptr("out", out, 2),
-                        _need_ptr("bias", bias, 2, True), _need_ptr("residual", residual, 2, True),
-                        _need_ptr("gate", gate, 8, True), _need_ptr("row_sumsq", row_sumsq, 4, True), float(alpha),
+    rc = _C.skinny_gemm(_need_ptr("x", x), _need_ptr("w", w), _need_ptr("out", out, 2),
+                        _need_ptr("bias", bias, 2, True), _need_ptr("residual", residual, 2, True), float(alpha),
                         m, n, k, split, bool(dt), _need_ptr("x_scale", x_scale, 4, True),
-                        _need_ptr("w_scale", w_scale, 4, True), bool(pdl), _stream(stream), *prologue[1:])
+                        _need_ptr("w_scale", w_scale, 4, True), bool(pdl), _stream(stream))
     _raise_if(rc, "skinny_gemm")
-
-
-def _skinny_norm(x: int, norm_x: int = 0, norm_sumsq: int = 0, norm_scale: int = 0, norm_shift: int = 0,
-                 norm_eps: float = 1e-6) -> tuple:
-    """(x, norm_x, norm_sumsq, norm_scale, norm_shift, norm_eps) for the kernels: the skinny GEMMs'
-    RMSNorm prologue. With norm_x (bf16 [m, k]) the GEMM's input is rms_norm(norm_x) * (1 + norm_scale)
-    + norm_shift (bf16 [k] each, optional), rounded to the GEMM's input dtype (E4M3 at x_scale), the
-    rows' sums of squares read from norm_sumsq (fp32 [ceil(k / 64), 64]: the row_sumsq of the
-    skinny GEMM that wrote norm_x). x must then be 0. One kernel fewer than norm + GEMM."""
-    if not norm_x:
-        if norm_sumsq or norm_scale or norm_shift:
-            raise ValueError("skinny GEMM: norm_sumsq / norm_scale / norm_shift belong to the RMSNorm prologue; "
-                             "pass norm_x too")
-        return (_need_ptr("x", x), 0, 0, 0, 0, 1e-6)
-    if x:
-        raise ValueError("skinny GEMM: pass either x or norm_x (the RMSNorm prologue computes x), not both")
-    if not float(norm_eps) > 0:
-        raise ValueError(f"norm_eps: expected > 0, got {norm_eps!r}")
-    return (0, _need_ptr("norm_x", norm_x), _need_ptr("norm_sumsq", norm_sumsq, 4),
-            _need_ptr("norm_scale", norm_scale, 16, True), _need_ptr("norm_shift", norm_shift, 16, True),
-            float(norm_eps))
 
 
 def skinny_gemm_geglu(x: int, w: int, out: int, m: int, n: int, k: int, *, bias: int = 0, dtype: str = "bf16",
                       x_scale: int = 0, w_scale: int = 0, out_scale: int = 0, split: int = 0, pdl: bool = True,
-                      stream: int = 0, **norm) -> None:
+                      stream: int = 0) -> None:
     """out[m, n / 2] = gelu_tanh(g) * u of the skinny GEMM x @ w^T (+ bias) whose n output columns
     are gate / up interleaved column by column (w's rows ordered gate_0, up_0, gate_1, up_1, ...;
     ``geglu_row_order`` gives that order). out: bf16, or E4M3 at the device fp32 ``out_scale``
     (value / scale, saturated). One kernel instead of a GEMM and a GeGLU pass. Other arguments as
-    ``skinny_gemm`` (``norm_*``: the RMSNorm prologue); n % 4 == 0."""
+    ``skinny_gemm``; n % 4 == 0."""
     dt = _skinny_checks(m, n, k, dtype, split)
     _need_size("n", n, multiple=4)
-    prologue = _skinny_norm(x, **norm)
-    rc = _C.skinny_gemm_geglu(prologue[0], _need_ptr("w", w), _need_ptr("out", out, 4),
+    rc = _C.skinny_gemm_geglu(_need_ptr("x", x), _need_ptr("w", w), _need_ptr("out", out, 4),
                               _need_ptr("bias", bias, 2, True), m, n, k, split, bool(dt),
                               _need_ptr("x_scale", x_scale, 4, True), _need_ptr("w_scale", w_scale, 4, True),
-                              _need_ptr("out_scale", out_scale, 4, True), bool(pdl), _stream(stream), *prologue[1:])
+                              _need_ptr("out_scale", out_scale, 4, True), bool(pdl), _stream(stream))
     _raise_if(rc, "skinny_gemm_geglu")
 
 
 def skinny_gemm_rope_qkv(x: int, w: int, positions: int, q_out: int, k_cache: int, v_cache: int, m: int, k: int,
                          num_heads_q: int, num_heads_kv: int, head_dim: int, *, bias: int = 0,
                          cache_offset: int = 0, theta: float = 10000.0, dtype: str = "bf16", x_scale: int = 0,
-                         w_scale: int = 0, split: int = 0, pdl: bool = True, stream: int = 0, **norm) -> None:
+                         w_scale: int = 0, split: int = 0, pdl: bool = True, stream: int = 0) -> None:
     """The fused QKV projection x @ w^T (+ bias) with ``rope_qkv`` applied in its epilogue: q_out
     [m, Hq, D] rotated, k (rotated) / v into the caches [rows, Hkv, D] at rows cache_offset + i.
     w's q and k head rows are in ``rope_row_order`` (pairs (i, i + D/2) adjacent), v rows natural.
-    One kernel instead of a GEMM and a RoPE pass. Other arguments as ``skinny_gemm`` (``norm_*``: the
-    RMSNorm prologue)."""
+    One kernel instead of a GEMM and a RoPE pass. Other arguments as ``skinny_gemm``."""
     _need_size("num_heads_q", num_heads_q)
     _need_size("num_heads_kv", num_heads_kv)
     _need_size("head_dim", head_dim, minimum=4, multiple=4)
     _need_size("cache_offset", cache_offset, minimum=0)
     n = (num_heads_q + 2 * num_heads_kv) * head_dim
     dt = _skinny_checks(m, n, k, dtype, split)
-    prologue = _skinny_norm(x, **norm)
-    rc = _C.skinny_gemm_rope_qkv(prologue[0], _need_ptr("w", w), _need_ptr("bias", bias, 2, True),
+    rc = _C.skinny_gemm_rope_qkv(_need_ptr("x", x), _need_ptr("w", w), _need_ptr("bias", bias, 2, True),
                                  _need_ptr("positions", positions, 4), _need_ptr("q_out", q_out, 4),
                                  _need_ptr("k_cache", k_cache, 4), _need_ptr("v_cache", v_cache, 8), m, k,
                                  num_heads_q, num_heads_kv, head_dim, int(cache_offset), float(theta), split,
                                  bool(dt), _need_ptr("x_scale", x_scale, 4, True),
-                                 _need_ptr("w_scale", w_scale, 4, True), bool(pdl), _stream(stream), *prologue[1:])
+                                 _need_ptr("w_scale", w_scale, 4, True), bool(pdl), _stream(stream))
     _raise_if(rc, "skinny_gemm_rope_qkv")
 
 

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 
 import torch
 
-from flash_rt.models.hopper_ops import RMS_EPS, Modulation, TorchOps
+from flash_rt.models.hopper_ops import TorchOps
 
 WORKSPACE_BYTES = 32 << 20
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
@@ -32,28 +31,6 @@ _CHECK: dict = {}
 
 def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
-
-
-@dataclass
-class RowSumsq:
-    """What ``linear_residual`` leaves when its skinny GEMM updated the residual itself: nothing to
-    add, and the updated rows' sums of squares per 64 columns ([ceil(n / 64), 64] fp32)."""
-
-    parts: torch.Tensor
-
-
-@dataclass
-class FoldedNorm:
-    """An RMSNorm not yet computed: the skinny GEMM that reads it normalises x in its prologue."""
-
-    x: torch.Tensor
-    sumsq: torch.Tensor  # RowSumsq.parts of the GEMM that last updated x
-    mod: Modulation | None
-
-    def kernel_args(self) -> dict:
-        mod = self.mod
-        return dict(norm_x=self.x.data_ptr(), norm_sumsq=self.sumsq.data_ptr(), norm_eps=RMS_EPS,
-                    norm_scale=_ptr(mod.scale_bf16) if mod else 0, norm_shift=_ptr(mod.shift_bf16) if mod else 0)
 
 
 class KernelOps(TorchOps):
@@ -73,9 +50,6 @@ class KernelOps(TorchOps):
         self.sdpa_allowed = os.environ.get("FLASHRT_ATTN_SDPA", "1") != "0"  # prefix / SigLIP may take torch SDPA
         # the decode attention copies its first cached-prefix K/V tiles before waiting for the QKV GEMM
         self.attn_prefetch = os.environ.get("FLASHRT_ATTN_PREFETCH", "1") != "0"
-        # the expert's norms folded into the skinny GEMMs around them (linear_residual, rms_norm):
-        # opt-in until its second version is measured (docs/kernels.md, "Fifteenth pass")
-        self.fold_norms = os.environ.get("FLASHRT_NORM_FOLD", "0") == "1"
         raw = torch.empty(WORKSPACE_BYTES + 256, dtype=torch.uint8, device=device)
         self.workspace = raw[(-raw.data_ptr()) % 256 :][:WORKSPACE_BYTES]  # cuBLASLt wants 256-byte alignment
         lse, acc = flashrt_kernels.attention_splitkv_sizes(1, SKINNY_MAX_M, 16, 256)
@@ -167,52 +141,8 @@ class KernelOps(TorchOps):
         scales = dict(x_scale=_ptr(lin.act_scale), w_scale=_ptr(lin.weight_scale)) if lin.fp8 else {}
         return dict(bias=_ptr(lin.bias), dtype=_dtype(lin), stream=self._stream(), **scales)
 
-    def linear_residual(self, h, lin, x, gate=None):
-        """x += (h @ W^T) (* gate) in the skinny GEMM's epilogue, which also sums each updated row's
-        squares for the norm after it (``rms_norm`` then folds into the GEMM that reads it: two
-        kernels fewer per expert layer). Elsewhere as TorchOps: the next norm adds the output."""
-        n = lin.weight.shape[0]
-        foldable = (self.fold_norms and x.dtype == torch.bfloat16 and x.is_contiguous()
-                    and x.shape == (h.shape[0], n) and (gate is None or gate.bf16.is_contiguous()))
-        a = self._skinny_ready(h, lin) if foldable else None  # quantises h: only where it is used
-        if a is None:
-            return super().linear_residual(h, lin, x, gate)
-        m, k = a.shape
-        cols = self.fk.SKINNY_STAT_COLS
-        parts = torch.empty((-(-n // cols), cols), dtype=torch.float32, device=x.device)
-        self.fk.skinny_gemm(a.data_ptr(), lin.weight.data_ptr(), x.data_ptr(), m, n, k, residual=x.data_ptr(),
-                            gate=_ptr(gate.bf16) if gate is not None else 0, row_sumsq=parts.data_ptr(),
-                            **self._operands(lin))
-        return RowSumsq(parts), None
-
-    def _fold(self, x, lin, y, mod) -> FoldedNorm | None:
-        """The norm of x left to the skinny GEMM of ``lin`` (its fused QKV / gate-up forms), where
-        the GEMM before it summed x's squares (y is a RowSumsq)."""
-        if not isinstance(y, RowSumsq) or lin is None or lin.row_order not in ("rope", "geglu"):
-            return None
-        if self.calibrating or not self._kernel_gemm_ok(x, lin) or x.shape[0] > SKINNY_MAX_M:
-            return None
-        if mod is not None and not (mod.scale_bf16.is_contiguous() and mod.shift_bf16.is_contiguous()):
-            return None
-        return FoldedNorm(x, y.parts, mod)
-
-    def _unfold(self, h, lin):
-        """A FoldedNorm computed by the norm kernel, for a consumer that cannot take it."""
-        return self.rms_norm(h.x, lin=lin, mod=h.mod) if isinstance(h, FoldedNorm) else h
-
-    def _geglu_folded(self, h: FoldedNorm, lin, out_for):
-        m, (n, k) = h.x.shape[0], lin.weight.shape
-        fp8_out = out_for is not None and out_for.fp8
-        out = torch.empty((m, n // 2), dtype=torch.float8_e4m3fn if fp8_out else torch.bfloat16, device=h.x.device)
-        self.fk.skinny_gemm_geglu(0, lin.weight.data_ptr(), out.data_ptr(), m, n, k,
-                                  out_scale=out_for.act_scale.data_ptr() if fp8_out else 0, **self._operands(lin),
-                                  **h.kernel_args())
-        return out
-
     def linear_geglu(self, h, lin, *, out_for=None):
         """GEMM + GeGLU in one kernel where the weight rows are interleaved for it (expert layers)."""
-        if isinstance(h, FoldedNorm):
-            return self._geglu_folded(h, lin, out_for)
         x = self._skinny_ready(h, lin) if lin.row_order == "geglu" else None
         if x is None:
             return super().linear_geglu(h, lin, out_for=out_for)
@@ -239,23 +169,16 @@ class KernelOps(TorchOps):
 
     def linear_rope_qkv(self, h, lin, *, num_heads, k_cache, v_cache, start, cos, sin, positions):
         """QKV GEMM + RoPE + KV-cache write in one kernel where the weight rows are ordered for it."""
-        caches_ok = k_cache.dtype == torch.bfloat16 and k_cache.is_contiguous() and v_cache.is_contiguous()
-        if not caches_ok:
-            h = self._unfold(h, lin)
-        if isinstance(h, FoldedNorm):
-            x, m, norm = None, h.x.shape[0], h.kernel_args()
-        else:
-            x = self._skinny_ready(h, lin) if lin.row_order == "rope" and caches_ok else None
-            if x is None:
-                return super().linear_rope_qkv(h, lin, num_heads=num_heads, k_cache=k_cache, v_cache=v_cache,
-                                               start=start, cos=cos, sin=sin, positions=positions)
-            m, norm = x.shape[0], {}
-        k = lin.weight.shape[1]
+        x = self._skinny_ready(h, lin) if lin.row_order == "rope" else None
+        if x is None or k_cache.dtype != torch.bfloat16 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+            return super().linear_rope_qkv(h, lin, num_heads=num_heads, k_cache=k_cache, v_cache=v_cache, start=start,
+                                           cos=cos, sin=sin, positions=positions)
+        m, k = x.shape
         hkv, hd = k_cache.shape[1], k_cache.shape[2]
-        q = torch.empty((m, num_heads, hd), dtype=torch.bfloat16, device=k_cache.device)
-        self.fk.skinny_gemm_rope_qkv(_ptr(x), lin.weight.data_ptr(), positions.data_ptr(), q.data_ptr(),
+        q = torch.empty((m, num_heads, hd), dtype=torch.bfloat16, device=x.device)
+        self.fk.skinny_gemm_rope_qkv(x.data_ptr(), lin.weight.data_ptr(), positions.data_ptr(), q.data_ptr(),
                                      k_cache.data_ptr(), v_cache.data_ptr(), m, k, num_heads, hkv, hd,
-                                     cache_offset=start, **self._operands(lin), **norm)
+                                     cache_offset=start, **self._operands(lin))
         return q
 
     def _first_is_faster(self, shape, first, second, default=True, labels=("skinny_us", "cublaslt_us")) -> bool:
@@ -286,11 +209,6 @@ class KernelOps(TorchOps):
                 and (y is None or (y.dtype == torch.bfloat16 and y.is_contiguous())))
 
     def rms_norm(self, x, *, lin, y=None, gate=None, mod=None):
-        folded = self._fold(x, lin, y, mod)
-        if folded is not None:
-            return folded
-        if isinstance(y, RowSumsq):  # linear_residual already added it to x
-            y = gate = None
         if not self._kernel_norm_ok(x, y):
             return super().rms_norm(x, lin=lin, y=y, gate=gate, mod=mod)
         out, out_scale = self._norm_out(x, lin)
@@ -572,21 +490,6 @@ def self_check(device) -> dict[str, float]:
         if fp8:
             gk, gr = gk.float() * down_in.act_scale, gr.float() * down_in.act_scale
         out[f"linear_geglu_{tag}"] = cos(gk.float(), gr.float())
-        # a block's output GEMM onto the residual, then the adaRMS norm folded into the fused gate/up
-        # GEMM (FLASHRT_NORM_FOLD): the residual and the GeGLU output against the torch ops
-        mod1 = Modulation(1.0 + rnd(width, dtype=torch.float32, scale=0.2), rnd(width, dtype=torch.float32, scale=0.2),
-                          None, None)
-        mod1.scale_bf16, mod1.shift_bf16 = (mod1.one_plus_scale - 1.0).to(bf), mod1.shift.to(bf)
-        gate1 = Gate(gate_f[:width].to(bf).float(), gate_f[:width].to(bf).contiguous())
-        xk = rnd(50, width, scale=4.0)
-        xr, attn = xk.clone(), rnd(50, 2048)
-        pk, pr = kern.linear_residual(attn, down, xk, gate1), ref.linear_residual(attn, down, xr, gate1)
-        gk = kern.linear_geglu(kern.rms_norm(xk, lin=fused, y=pk[0], gate=pk[1], mod=mod1), fused, out_for=down_in)
-        gr = ref.linear_geglu(ref.rms_norm(xr, lin=fused, y=pr[0], gate=pr[1], mod=mod1), fused, out_for=down_in)
-        if fp8:
-            gk, gr = gk.float() * down_in.act_scale, gr.float() * down_in.act_scale
-        out[f"folded_norm_residual_{tag}"] = cos(xk.float(), xr.float())
-        out[f"folded_norm_geglu_{tag}"] = cos(gk.float(), gr.float())
     # fp32 small linear, written in place and accumulated
     small = make_linear("small", rnd(32, width, dtype=torch.float32, scale=width**-0.5),
                         rnd(32, dtype=torch.float32), act_dtype=torch.float32, device=device, fp8=False)

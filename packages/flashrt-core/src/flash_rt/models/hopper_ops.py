@@ -206,12 +206,6 @@ class TorchOps:
         """rope_qkv(h @ W^T) for a fused q|k|v ``lin`` (any row order); returns q (T, H, D)."""
         return self.rope_qkv(self.natural_columns(self.linear(h, lin), lin), **rope)
 
-    def linear_residual(self, h, lin: Linear, x, gate: Gate | None = None):
-        """A block's output GEMM onto the residual stream x: x += (h @ W^T) (* gate). Returns the
-        (y, gate) the norm after it takes: here the GEMM's output, which that norm adds to x in its
-        own pass (KernelOps may add it in the GEMM instead, see there)."""
-        return self.linear(h, lin), gate
-
     # norms -------------------------------------------------------------------------------------
     def _residual(self, x, y, gate):
         if y is not None:

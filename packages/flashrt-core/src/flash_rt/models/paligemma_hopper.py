@@ -482,17 +482,16 @@ class PaliGemmaHopperPipeline:
         [start, start+T), attending to the whole cache [0, start+T); the first ``head_rows`` rows
         (Pi0's state token, in the first step) attend to [0, start + head_rows) only. ``step``
         selects the per-step modulation. Returns the pending (output, gate) of the last block, for
-        the final norm (``ops.linear_residual``: what each block leaves for the norm after it)."""
+        the final norm."""
         ops, d = self.ops, self.config.expert
         y = gate = None
         for i, layer in enumerate(self.expert):
             h = self.expert_norm(x, step, i, 0, lin=layer.qkv, y=y, gate=gate)
             q = ops.linear_rope_qkv(h, layer.qkv, **self._rope_args(i, start, x.shape[0], d.num_heads))
-            attn = self._attend_suffix(q, i, start, head_rows, out_for=layer.o)
-            y, gate = ops.linear_residual(attn, layer.o, x, self.expert_gate(step, i, 0))
-            h = self.expert_norm(x, step, i, 1, lin=layer.gate_up, y=y, gate=gate)
-            mlp = ops.linear_geglu(h, layer.gate_up, out_for=layer.down)
-            y, gate = ops.linear_residual(mlp, layer.down, x, self.expert_gate(step, i, 1))
+            y = ops.linear(self._attend_suffix(q, i, start, head_rows, out_for=layer.o), layer.o)
+            h = self.expert_norm(x, step, i, 1, lin=layer.gate_up, y=y, gate=self.expert_gate(step, i, 0))
+            y = ops.linear(ops.linear_geglu(h, layer.gate_up, out_for=layer.down), layer.down)
+            gate = self.expert_gate(step, i, 1)
         return y, gate
 
     def _attend_suffix(self, q, layer, start, head_rows, out_for=None):
