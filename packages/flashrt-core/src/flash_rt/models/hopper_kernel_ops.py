@@ -339,18 +339,24 @@ def _dtype(lin) -> str:
 
 
 def _median_us(fn, reps: int = 9, calls: int = 20) -> float:
-    """Median GPU time of one call, over reps of ``calls`` back-to-back calls. The stream first
-    sleeps on the GPU while the host enqueues them all, so the calls run back to back as in a graph
-    replay: timing host launches (~10-20 us from Python) would hide the kernels' differences. The
-    sleep lasts twice the host's enqueue time of the calls (measured here): a fixed ~1 ms was at
-    times shorter than enqueueing 20 calls of torch's SDPA, whose time then became the host's (31 to
-    274 us against its usual 21; in one H100 run 5 of 17 prefix-attention choices went to our
-    kernel, 13 us slower per layer)."""
+    """Median GPU time of one call, over reps of ``calls`` back-to-back calls. The calls are
+    captured into one CUDA graph and the graph is timed, so they run as the pipeline's replay runs
+    them and the host's cost per call (10-20 us from Python, 30-270 us for torch's SDPA) is not in
+    the time; the stream also sleeps on the GPU while the host launches the graph. Timing calls
+    enqueued from Python behind such a sleep was not enough: in the first process on a fresh H100
+    every prefix-attention choice measured SDPA at 59-68 us against its usual 21 and went to our
+    slower kernel (0.2 ms per predict). Where the calls cannot be captured, they are enqueued from
+    Python behind a sleep of twice their enqueue time."""
     for _ in range(3):
-        fn()
+        fn()  # lazy setup (plans, cuDNN graphs, GEMM tuning) outside the capture and the timing
+    run = _graphed(fn, calls)
+    if run is None:
+        def run():
+            for _ in range(calls):
+                fn()
+    run()
     t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
+    run()
     enqueue_ms = (time.perf_counter() - t0) * 1e3
     sleep_cycles = int(max(1.0, 2.0 * enqueue_ms) * _sleep_cycles_per_ms())
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -358,12 +364,25 @@ def _median_us(fn, reps: int = 9, calls: int = 20) -> float:
     for _ in range(reps):
         torch.cuda._sleep(sleep_cycles)
         start.record()
-        for _ in range(calls):
-            fn()
+        run()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / calls)
     return sorted(times)[reps // 2]
+
+
+def _graphed(fn, calls: int):
+    """``calls`` calls of fn captured into a CUDA graph: its replay, or None where fn cannot be
+    captured (the caller then times it eagerly)."""
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                fn()
+    except RuntimeError:
+        return None
+    return graph.replay
 
 
 _SLEEP_RATE: dict[int, float] = {}  # torch.cuda._sleep cycles per ms, per device
