@@ -124,6 +124,13 @@ def _true_size_case(true_size, num_views, precision, ops):
             "actions_rel_err": ht.rel_err(actions, want["actions"]),
             "capture_s": bucket.capture_s["full"],
         }
+        if num_views == 2:  # FLASHRT_GRAPH_STAGES=1: the same call as its three stage graphs
+            pipe.graph_stages = True
+            pipe.actions_host.fill_(float("nan"))
+            staged = torch.from_numpy(pipe.infer())
+            pipe.graph_stages = False
+            m["stage_graphs_vs_full_cos"] = ht.cosine(staged, actions)
+            m["stage_graphs_vs_full_max_abs_diff"] = ht.max_abs_err(staged, actions)
         # the stages, eagerly (same code as the graph), from the same inputs
         pipe.run_vision()
         m["vision_tokens_cos"] = ht.cosine(pipe.prefix_x[: pipe.num_image_tokens], want["image_tokens"])
@@ -146,6 +153,7 @@ def _true_size_case(true_size, num_views, precision, ops):
         _report("true_size_vs_fp32", m)
         assert torch.isfinite(actions).all()
         assert m["graph_vs_eager_cos"] >= 0.99999
+        assert m.get("stage_graphs_vs_full_cos", 1.0) >= 0.99999
         assert m["vision_tokens_cos"] >= STAGE_COS[precision]
         assert m["prefix_k_cos_min"] >= STAGE_COS[precision] and m["prefix_v_cos_min"] >= STAGE_COS[precision]
         assert m["velocity_step1_cos"] >= STAGE_COS[precision]

@@ -262,3 +262,45 @@ def test_attention_through_the_backend_protocol(model):
                                                     head_dim=16, max_q_seq=8), device="cpu", dtype=torch.float32)
     with pytest.raises(ConfigError, match="joint"):
         cls(state_dict, config, num_views=2, use_fp8=False, attention_backend=wrong)
+
+
+class _EagerGraph:
+    """Stands in for a captured CUDA graph on the CPU: replaying it runs its stage eagerly."""
+
+    def __init__(self, pipe, bucket, kind, replayed):
+        self.run, self.kind, self.replayed = pipe.stage_fn(bucket, kind), kind, replayed
+
+    def replay(self):
+        self.replayed.append(self.kind)
+        self.run()
+
+
+def test_stage_graphs_replay_the_whole_call(model, monkeypatch):
+    """FLASHRT_GRAPH_STAGES=1: a call replays vision, prefix and denoise as three graphs, which
+    together are the call: the same actions as the one-graph call, and the reference's."""
+    config, state_dict, ref = model
+    inputs = ht.random_inputs(config, 2, 7, seed=31)
+    want = ht.run_reference(ref, config, inputs)
+    results = {}
+    for stages in ("0", "1"):
+        monkeypatch.setenv("FLASHRT_GRAPH_STAGES", stages)
+        pipe = ht.pipeline_class(config.model_type)(state_dict, config, num_views=2, use_fp8=False)
+        replayed = []
+        pipe.use_graphs = True  # the graphs below run eagerly, so the CPU can take this path
+
+        def capture(bucket, kind, pipe=pipe, replayed=replayed):
+            bucket.graphs[kind] = _EagerGraph(pipe, bucket, kind, replayed)
+            return bucket.graphs[kind]
+
+        pipe.capture = capture
+        ht.load_pipeline_inputs(pipe, config, inputs)
+        assert pipe.warm_buckets([list(range(2, 9))]) == [7]  # restages the prompt: load again
+        bucket = ht.load_pipeline_inputs(pipe, config, inputs)
+        assert sorted(bucket.graphs) == (["denoise", "prefix", "vision"] if stages == "1" else ["full"])
+        pipe.actions_host.fill_(float("nan"))
+        results[stages] = pipe.infer()
+        assert replayed == (["vision", "prefix", "denoise"] if stages == "1" else ["full"])
+        assert pipe.infer(prefix=False) is not None and replayed[-1] == "denoise"
+    assert np.isfinite(results["1"]).all()
+    np.testing.assert_array_equal(results["1"], results["0"])
+    assert ht.cosine(torch.from_numpy(results["1"]), want["actions"]) >= COS_FP32

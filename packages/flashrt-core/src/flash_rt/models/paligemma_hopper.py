@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -144,6 +145,10 @@ class PaliGemmaHopperPipeline:
         self.use_graphs = self.is_cuda if use_graphs is None else bool(use_graphs)
         if self.use_graphs and not self.is_cuda:
             raise ConfigError("CUDA graphs need a CUDA device; pass use_graphs=False on the CPU")
+        # FLASHRT_GRAPH_STAGES=1 (a measurement switch): a call replays its three stage graphs (vision,
+        # prefix, denoise) instead of one graph of all three, so the GPU can start on vision while the
+        # host still launches the rest; what it costs: no PDL overlap across the two stage boundaries
+        self.graph_stages = os.environ.get("FLASHRT_GRAPH_STAGES", "0") == "1"
         if num_views not in (1, 2, 3):
             raise ConfigError(f"num_views must be 1, 2 or 3; got {num_views!r}")
         self.num_views = num_views
@@ -595,17 +600,15 @@ class PaliGemmaHopperPipeline:
         if not self.calibrated:
             self.calibrate_current()
         with self._on_stream():
-            kind = "full" if prefix else "denoise"
-            graph = self._graph(bucket, kind) if self.use_graphs else None  # may capture: outside the events
+            # may capture: outside the events
+            graphs = [self._graph(bucket, kind) for kind in self._call_kinds(prefix)] if self.use_graphs else []
             stream = torch.cuda.current_stream() if self.is_cuda else None
             if stream is not None:
                 self._call_events[0].record(stream)
-            if graph is not None:
+            for graph in graphs:
                 graph.replay()
-            elif prefix:
-                self.run_all(bucket)
-            else:
-                self.run_denoise(bucket)
+            if not graphs:
+                (self.run_all if prefix else self.run_denoise)(bucket)
             t_launched = time.perf_counter()
             if stream is not None:
                 self._call_events[1].record(stream)
@@ -649,6 +652,13 @@ class PaliGemmaHopperPipeline:
             "vision": self.run_vision,
             "prefix": lambda: self.run_prefix(bucket),
         }[kind]
+
+    def _call_kinds(self, prefix: bool) -> tuple[str, ...]:
+        """The graphs one call replays, in order: the whole call as one graph (or its three stages
+        under FLASHRT_GRAPH_STAGES=1); with ``prefix=False`` (cache_frames) the denoise graph."""
+        if not prefix:
+            return ("denoise",)
+        return ("vision", "prefix", "denoise") if self.graph_stages else ("full",)
 
     def _graph(self, bucket: Bucket, kind: str):
         graph = bucket.graphs.get(kind)
@@ -779,7 +789,8 @@ class PaliGemmaHopperPipeline:
             if not self.calibrated:
                 self.calibrate_current()
             if self.use_graphs:
-                self._graph(bucket, "full")
+                for kind in self._call_kinds(prefix=True):
+                    self._graph(bucket, kind)
         return sorted(self.buckets)
 
     # ------------------------------------------------------------------ FP8 calibration
