@@ -53,3 +53,24 @@ def test_bench_refuses_compile_views_outside_views():
     assert run.returncode != 0
     assert "--compile-views 2 must be among --views 1" in run.stderr + run.stdout
     assert "--compile none" in run.stderr + run.stdout
+
+
+def test_bench_camera_size_feeds_images_the_frontend_resizes(tmp_path):
+    """--camera-size: predict() gets camera-size images (resized on the host, as a robot's are);
+    the fp32 truth is computed from the same images, so the cosine still holds."""
+    out = tmp_path / "cam.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "flash_rt.cli", "bench", "--smoke", "--views", "2", "--precision", "bf16",
+         "--compile", "none", "--no-eager", "--iters", "5", "--p99-iters", "5", "--camera-size", "90x120",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["settings"]["camera_hw"] == [90, 120]
+    assert doc["results"][0]["cosine_vs_fp32"] > 0.999
+    bad = subprocess.run(
+        [sys.executable, "-m", "flash_rt.cli", "bench", "--smoke", "--views", "1", "--compile", "none", "--camera-size", "640"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert bad.returncode != 0 and "HEIGHTxWIDTH" in bad.stderr + bad.stdout

@@ -73,6 +73,9 @@ def add_bench_parser(subparsers) -> None:
     p.add_argument("--knobs", action="store_true", help="also measure vision_pool_factor / vision_num_layers / cache_frames")
     p.add_argument("--num-steps", type=int, default=None)
     p.add_argument("--state-dim", type=int, default=8, help="robot state dims (Pi0.5: discretised into the prompt)")
+    p.add_argument("--camera-size", default=None, metavar="HxW",
+                   help="feed camera images of this size (e.g. 480x640), so predict() pays the host resize to "
+                        "224 that real cameras cost; default: images already at the model's size")
     p.add_argument("--prompt", default=PROMPT)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON results file (benchmarks/<card>/<model>.json)")
@@ -274,13 +277,25 @@ def _model_classes(model_type):
     return Pi0Reference, Pi0TorchFrontendHopper
 
 
-def _input_sets(config, num_views, state_dim, seed):
+def _camera_hw(text, config) -> tuple[int, int]:
+    if text is None:
+        return config.vision.image_size, config.vision.image_size
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        h = w = 0
+    if h <= 0 or w <= 0:
+        raise ConfigError(f"--camera-size takes HEIGHTxWIDTH in pixels, e.g. 480x640; got {text!r}")
+    return h, w
+
+
+def _input_sets(config, num_views, state_dim, seed, camera_hw=None):
     rng = np.random.default_rng(seed + 1000 * num_views)
-    size = config.vision.image_size
+    h, w = camera_hw or (config.vision.image_size,) * 2
     sets = []
     for _ in range(NUM_INPUT_SETS):
         sets.append({
-            "images": [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(num_views)],
+            "images": [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(num_views)],
             "state": rng.uniform(-0.9, 0.9, state_dim).astype(np.float32),
             "noise": rng.standard_normal((config.action_horizon, config.action_dim)).astype(np.float32),
         })
@@ -350,6 +365,7 @@ def run_bench(args) -> int:
     config = true_size_config(args.config)
     if args.smoke:
         config = smoke_config(config)
+    camera_hw = _camera_hw(args.camera_size, config)
     num_steps = args.num_steps or config.num_steps
     ref_cls, frontend_cls = _model_classes(args.config)
     tokenizer = PaligemmaTokenizer(STANDIN_TOKENIZER)
@@ -369,7 +385,8 @@ def run_bench(args) -> int:
         "settings": {
             "num_steps": num_steps, "action_horizon": config.action_horizon, "autotune": args.autotune,
             "prompt": args.prompt,
-            "state_dim": args.state_dim, "iters": args.iters, "headline_views": headline_views,
+            "state_dim": args.state_dim, "camera_hw": list(camera_hw), "iters": args.iters,
+            "headline_views": headline_views,
             "headline_iters": max(args.iters, args.p99_iters), "memory_calls": memory_calls,
             "weights": f"random, true size, seed {args.seed}", "tokenizer": "stand-in SentencePiece model",
             "wall": "predict(): uint8 images + prompt + state -> actions (host), time.perf_counter; "
@@ -399,7 +416,7 @@ def run_bench(args) -> int:
 
     cases = {}
     for views in views_list:
-        sets = _input_sets(config, views, args.state_dim, args.seed)
+        sets = _input_sets(config, views, args.state_dim, args.seed, camera_hw)
         ref_in, prompt_tokens = _reference_inputs(config, tokenizer, args.prompt, sets[0], device)
         truth = _reference_call(ref, ref_in, num_steps)[0].float().cpu().numpy()
         held_in, _ = _reference_inputs(config, tokenizer, args.prompt, sets[1], device)
