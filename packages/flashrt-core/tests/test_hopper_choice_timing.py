@@ -78,7 +78,6 @@ def sim(monkeypatch):
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch.cuda, "CUDAGraph", CUDAGraph)
     monkeypatch.setattr(torch.cuda, "graph", graph)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: setattr(s, "host_ms", max(s.host_ms, s.gpu_free_ms)))
     monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: s.enqueue(cycles / s.cycles_per_ms, 0.005))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(hko.time, "perf_counter", lambda: s.host_ms / 1e3)

@@ -373,8 +373,7 @@ def _median_us(fn, reps: int = 9, calls: int = 20) -> float:
 
 def _graphed(fn, calls: int):
     """``calls`` calls of fn captured into a CUDA graph: its replay, or None where fn cannot be
-    captured (the caller then times it eagerly)."""
-    torch.cuda.synchronize()
+    captured (the caller then times it eagerly). torch.cuda.graph synchronises before capturing."""
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(graph):
