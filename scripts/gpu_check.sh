@@ -32,6 +32,8 @@
 #                    FP8 bench at AB_VIEWS (default 2) under each ';'-separated environment, then without
 #                    any, then under each again: a same-run A/B, alternating (results in the logs
 #                    tarball, ab/; p50s in the summary)
+#   AB_CAMERA=HxW    (modes models / all / ab) after the A/B, the plain Pi0.5 FP8 bench once more, fed
+#                    HxW camera images (`--camera-size`: predict() then pays the host resize)
 #
 #   <mode> --with-compile   on a machine with two GPUs: after the one shared build, the `compile` mode
 #                           runs on GPU 1 while <mode> runs on GPU 0 (its results, inductor_cache.tgz
@@ -163,8 +165,8 @@ fi
 # The same-run A/B of AB_ENV (modes models / all / ab): sets ab_lines for the summary.
 run_ab() {
   ab_lines=""
+  mkdir -p "$OUT/ab"
   if [ -n "${AB_ENV:-}" ]; then
-    mkdir -p "$OUT/ab"
     # AB_ENV="A=0 B=1; C=0": experiments separated by ';', each arm one process. Order: every
     # experiment, the plain run, every experiment again (alternating, so drift hits both sides).
     IFS=';' read -r -a experiments <<< "$AB_ENV"
@@ -181,6 +183,14 @@ run_ab() {
       ab_lines="$ab_lines
   ${env_set:-(plain)}: $(grep -m1 -E "predict p50" "$OUT/ab/$i.log" | cut -c1-160)"
     done
+  fi
+  if [ -n "${AB_CAMERA:-}" ]; then  # the plain run again, fed camera-size images (host resize included)
+    T_AB=$(limit 45 $(( ${BENCH_PI0_S:-150} / 2 )))
+    timeout "$T_AB" $PY -m flash_rt.cli bench --config pi05 --views "${AB_VIEWS:-2}" --precision fp8 \
+      --iters 200 --p99-iters 200 --no-eager --compile none --camera-size "$AB_CAMERA" \
+      --out "$OUT/ab/camera.json" > "$OUT/ab/camera.log" 2>&1
+    ab_lines="$ab_lines
+  (plain, --camera-size $AB_CAMERA): $(grep -m1 -E "predict p50" "$OUT/ab/camera.log" | cut -c1-160)"
   fi
 }
 
