@@ -22,6 +22,7 @@ ht = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ht)
 
 from flash_rt.models.paligemma_hopper import calibrate_amax, euler_times  # noqa: E402
+from flash_rt.models.pi_preprocess import resize_with_pad  # noqa: E402
 from flash_rt.models.pi_random_weights import random_state_dict, state_dict_shapes  # noqa: E402
 
 MODELS = ["pi05", "pi0"]
@@ -304,3 +305,56 @@ def test_stage_graphs_replay_the_whole_call(model, monkeypatch):
     assert np.isfinite(results["1"]).all()
     np.testing.assert_array_equal(results["1"], results["0"])
     assert ht.cosine(torch.from_numpy(results["1"]), want["actions"]) >= COS_FP32
+
+
+def test_camera_size_images_are_resized_inside_the_call(model, monkeypatch):
+    """stage_images with camera-size images: the call's own graph copies them in and resizes them
+    (camera_input.py), so the actions equal those of the same images resized on the host first, and
+    the reference's; each set of camera sizes has its own graphs, images at the model's size the
+    plain ones."""
+    config, state_dict, ref = model
+    size = config.vision.image_size
+    rng = np.random.default_rng(5)
+    cameras = [rng.integers(0, 256, (size + 19, 2 * size - 3, 3), dtype=np.uint8),  # shrunk, padded rows
+               rng.integers(0, 256, (size, size, 3), dtype=np.uint8)]  # already at size: no resize
+    inputs = ht.random_inputs(config, 2, 6, seed=17)
+    inputs["images_u8"] = torch.from_numpy(np.stack([resize_with_pad(c, size) for c in cameras]))
+    inputs["images"] = inputs["images_u8"].float() / 255.0 * 2.0 - 1.0
+    want = ht.run_reference(ref, config, inputs)["actions"]
+
+    pipe = ht.pipeline_class(config.model_type)(state_dict, config, num_views=2, use_fp8=False)
+    replayed = []
+    pipe.use_graphs = True  # stand-in graphs that run eagerly, as above
+
+    def capture(bucket, kind):
+        graph = bucket.graphs[pipe.graph_key(kind)] = _EagerGraph(pipe, bucket, kind, replayed)
+        graph.kind = pipe.graph_key(kind)  # replays are logged by key
+        return graph
+
+    pipe.capture = capture
+    bucket = ht.load_pipeline_inputs(pipe, config, inputs)
+    host_resized = pipe.infer()
+    pipe.stage_images(cameras)
+    pipe.images.fill_(77)  # poison: the call must write every pixel, padding included
+    on_device = pipe.infer()
+    camera_key = f"full@{size + 19}x{2 * size - 3}+{size}x{size}"
+    assert sorted(bucket.graphs) == ["full", camera_key]
+    np.testing.assert_array_equal(pipe.images.numpy(), inputs["images_u8"].numpy())
+    np.testing.assert_array_equal(on_device, host_resized)
+    assert ht.cosine(torch.from_numpy(on_device), want) >= COS_FP32
+
+    # new pixels, same sizes: the layout's buffers and graph are reused
+    cameras = [rng.integers(0, 256, c.shape, dtype=np.uint8) for c in cameras]
+    pipe.stage_images(cameras)
+    pipe.infer()
+    assert len(bucket.graphs) == 2
+    np.testing.assert_array_equal(pipe.images.numpy(), np.stack([resize_with_pad(c, size) for c in cameras]))
+    pipe.load_inputs(inputs["images_u8"], inputs["noise"], None if config.is_pi05 else inputs["state"])
+    np.testing.assert_array_equal(pipe.infer(), host_resized)  # back on the plain graph
+    assert replayed == ["full", camera_key, camera_key, "full"]
+
+    # a fifth set of sizes warns: every set captures its own graphs
+    for extra in range(1, 4):
+        pipe.stage_images([rng.integers(0, 256, (size + extra, size, 3), dtype=np.uint8)] * 2)
+    with pytest.warns(UserWarning, match="different sets of sizes"):
+        pipe.stage_images([rng.integers(0, 256, (size + 9, size, 3), dtype=np.uint8)] * 2)

@@ -74,8 +74,9 @@ def add_bench_parser(subparsers) -> None:
     p.add_argument("--num-steps", type=int, default=None)
     p.add_argument("--state-dim", type=int, default=8, help="robot state dims (Pi0.5: discretised into the prompt)")
     p.add_argument("--camera-size", default=None, metavar="HxW",
-                   help="feed camera images of this size (e.g. 480x640), so predict() pays the host resize to "
-                        "224 that real cameras cost; default: images already at the model's size")
+                   help="feed camera images of this size (e.g. 480x640), so predict() includes the resize to "
+                        "224 that real cameras need (copy and resize run in the graph); default: images "
+                        "already at the model's size")
     p.add_argument("--prompt", default=PROMPT)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON results file (benchmarks/<card>/<model>.json)")
@@ -533,7 +534,7 @@ def _bench_fast_path(args, config, frontend_cls, checkpoint, vla_model_cls, view
     bucket = pipe.current
     with pipe._on_stream():
         if pipe.use_graphs:
-            replay = _time_events(bucket.graphs["full"].replay, 200)
+            replay = _time_events(bucket.graphs[pipe.graph_key("full")].replay, 200)
         else:  # --smoke on the CPU: the same stages, eager
             replay = _time_events(pipe.stage_fn(bucket, "full"), 5)
         stages = {}
@@ -541,7 +542,7 @@ def _bench_fast_path(args, config, frontend_cls, checkpoint, vla_model_cls, view
             if pipe.use_graphs:
                 graph = pipe.capture(bucket, kind)
                 stages[kind] = _time_events(graph.replay, 100)["p50"]
-                bucket.graphs.pop(kind, None)
+                bucket.graphs.pop(pipe.graph_key(kind), None)
                 del graph
             else:
                 stages[kind] = _time_events(pipe.stage_fn(bucket, kind), 3)["p50"]

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from flash_rt.errors import CalibrationError, ConfigError, HardwareError, InputError
+from flash_rt.models.camera_input import CameraLayout
 from flash_rt.models.hopper_ops import (
     FP8_MAX,
     Linear,
@@ -53,6 +54,7 @@ EXPERT = "paligemma_with_expert.gemma_expert.model."
 ROPE_MAX_WAVELENGTH = 10_000.0
 JOINT_SITE = "joint"
 TIME_MIN_PERIOD, TIME_MAX_PERIOD = 4e-3, 4.0
+_CAMERA_LAYOUTS_WARN = 4  # distinct sets of camera sizes before stage_images warns (each captures)
 
 
 def euler_times(num_steps: int) -> list[float]:
@@ -103,7 +105,9 @@ class Bucket:
 
     length: int
     ids: torch.Tensor
-    graphs: dict = field(default_factory=dict)  # "full" | "denoise" | "vision" | "prefix"
+    # "full" | "denoise" | "vision" | "prefix"; the image-reading ones of a camera layout
+    # (camera_input.py) carry its sizes: "full@480x640+480x640"
+    graphs: dict = field(default_factory=dict)
     capture_s: dict = field(default_factory=dict)
 
 
@@ -188,6 +192,8 @@ class PaliGemmaHopperPipeline:
         self._graph_pool = None
         self._stream = None
         self._sdpa_backends = None
+        self.camera = None  # the CameraLayout of the staged images; None: images_host holds them, resized
+        self._camera_layouts: dict[tuple, CameraLayout] = {}
 
     # ------------------------------------------------------------------ weight preparation
     def _lin(self, name, weight, bias=None, *, fp8=True, dtype=None, row_order=None) -> Linear:
@@ -364,7 +370,10 @@ class PaliGemmaHopperPipeline:
         """images (V, 224, 224, 3) uint8 -> [-1, 1] -> prefix_x[:num_image_tokens] (projected tokens)."""
         ops, v, nv = self.ops, self.config.vision, self.num_views
         p, g = v.patch_size, self.grid
-        self.images.copy_(self.images_host, non_blocking=True)
+        if self.camera is None:
+            self.images.copy_(self.images_host, non_blocking=True)
+        else:  # camera-size images: copied in and resized on the device
+            self.camera.copy_in(self.images)
         pixels = self.images.float() / 255.0 * 2.0 - 1.0
         patches = pixels.reshape(nv, g, p, g, p, 3).permute(0, 1, 3, 5, 2, 4).reshape(nv * g * g, 3 * p * p)
         x = self.vision_x
@@ -582,9 +591,36 @@ class PaliGemmaHopperPipeline:
         (V, S, S, 3) uint8 (already resized), noise (H, action_dim), Pi0's state. The frontend
         writes images_host / noise_host in place instead and calls load_state()."""
         self.images_host.copy_(torch.as_tensor(images).reshape(self.images_host.shape))
+        self.camera = None
         self.noise_host.copy_(torch.as_tensor(noise).reshape(self.noise_host.shape))
         if state is not None:
             self.load_state(state)
+
+    def stage_images(self, images: list[np.ndarray]):
+        """Stage one observation's images (host only): (H, W, 3) uint8 each, validated, any size.
+        At the model's size they go to images_host; otherwise the graph resizes them on the device
+        (camera_input.py), with the graphs of their layout, captured on its first call."""
+        size = self.config.vision.image_size
+        shapes = tuple((int(image.shape[0]), int(image.shape[1])) for image in images)
+        if all(shape == (size, size) for shape in shapes):
+            host = self.images_host.numpy()
+            for i, image in enumerate(images):
+                host[i] = image
+            self.camera = None
+            return
+        layout = self._camera_layouts.get(shapes)
+        if layout is None:
+            if len(self._camera_layouts) == _CAMERA_LAYOUTS_WARN:
+                warnings.warn(
+                    f"images in {len(self._camera_layouts) + 1} different sets of sizes so far; each set "
+                    "captures its own graphs on its first call (about a second). Feed each camera at a "
+                    f"fixed size, or resize to {size}x{size} before predict()",
+                    stacklevel=3,
+                )
+            layout = CameraLayout(shapes, size, self.device, pin=self.is_cuda)
+            self._camera_layouts[shapes] = layout
+        layout.stage(images)
+        self.camera = layout
 
     def load_state(self, state):
         """Pi0 only; Pi0.5 carries its state in the prompt."""
@@ -660,8 +696,15 @@ class PaliGemmaHopperPipeline:
             return ("denoise",)
         return ("vision", "prefix", "denoise") if self.graph_stages else ("full",)
 
+    def graph_key(self, kind: str) -> str:
+        """``kind``'s key in Bucket.graphs for the staged images: a graph that reads the images
+        (full, vision) is captured per camera layout."""
+        if self.camera is None or kind not in ("full", "vision"):
+            return kind
+        return f"{kind}@{self.camera.key}"
+
     def _graph(self, bucket: Bucket, kind: str):
-        graph = bucket.graphs.get(kind)
+        graph = bucket.graphs.get(self.graph_key(kind))
         if graph is None:
             graph = self.capture(bucket, kind)
         return graph
@@ -699,8 +742,8 @@ class PaliGemmaHopperPipeline:
                 else:
                     raise
                 graph = self._capture_graph(fn)
-        bucket.graphs[kind] = graph
-        bucket.capture_s[kind] = time.perf_counter() - start
+        bucket.graphs[self.graph_key(kind)] = graph
+        bucket.capture_s[self.graph_key(kind)] = time.perf_counter() - start
         self.captures += 1
         return graph
 

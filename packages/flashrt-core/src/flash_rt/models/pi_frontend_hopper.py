@@ -169,16 +169,14 @@ class PiTorchFrontendHopperBase:
         return self._postprocess(actions)
 
     def _load_observation(self, observation, noise):
-        from flash_rt.models.pi_preprocess import IMAGE_KEYS, observation_images, resize_with_pad  # noqa: PLC0415
+        from flash_rt.models.pi_preprocess import IMAGE_KEYS, observation_images  # noqa: PLC0415
 
-        # resize-with-pad on the host in uint8; the [-1, 1] scaling runs on the GPU, in the graph
-        size = self.config.vision.image_size
+        # images at any size: the graph copies them in, resizes camera-size ones with padding and
+        # scales to [-1, 1], all on the GPU
         keys = tuple(k for k in self.config.camera_keys if k not in IMAGE_KEYS)
         keys = keys if len(keys) >= self.num_views else ()
         pipe = self.pipeline  # written in place into its pinned staging buffers; its graph copies them in
-        host = pipe.images_host.numpy()
-        for i, image in enumerate(observation_images(observation, self.num_views, keys)):
-            host[i] = resize_with_pad(image, size)
+        pipe.stage_images(observation_images(observation, self.num_views, keys))
         pipe.noise_host.numpy()[...] = self.inputs.noise(noise, self._rng)
         self._stage_state(observation)
 

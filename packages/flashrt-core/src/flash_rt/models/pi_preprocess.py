@@ -91,22 +91,32 @@ def observation_images(observation, num_views: int, camera_keys: Sequence[str] =
 
 def resize_with_pad(image: np.ndarray, size: int) -> np.ndarray:
     """(H, W, 3) uint8 -> (size, size, 3) uint8, aspect kept, padded with black."""
-    height, width = image.shape[:2]
-    if height == size and width == size:
+    if image.shape[0] == size and image.shape[1] == size:
         return image
     import torch  # noqa: PLC0415
+
+    out = torch.empty((size, size, 3), dtype=torch.uint8)
+    resize_with_pad_into(torch.from_numpy(np.ascontiguousarray(image)), out)
+    return out.numpy()
+
+
+def resize_with_pad_into(image, out) -> None:
+    """The resize-with-pad above in torch, on any device: ``image`` (H, W, 3) uint8 into ``out``
+    (size, size, 3) uint8 on the same device. The GPU pipeline runs it inside its call's graph
+    (camera-size images); the host path is this same code on the CPU."""
     import torch.nn.functional as F  # noqa: PLC0415
 
+    size = out.shape[0]
+    height, width = image.shape[:2]
     ratio = max(width / size, height / size)
     new_h, new_w = max(1, int(height / ratio)), max(1, int(width / ratio))
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    x = image.permute(2, 0, 1)[None].float()
     shrinking = new_h < height or new_w < width
     x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=shrinking)
-    resized = x.round().clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy()
     top, left = (size - new_h) // 2, (size - new_w) // 2
-    out = np.zeros((size, size, 3), dtype=np.uint8)
-    out[top : top + new_h, left : left + new_w] = resized
-    return out
+    out.zero_()
+    # rounded and clamped first, so the cast to uint8 is exact
+    out[top : top + new_h, left : left + new_w].copy_(x.round().clamp(0, 255)[0].permute(1, 2, 0))
 
 
 def to_unit_range(image: np.ndarray) -> np.ndarray:
@@ -224,6 +234,7 @@ __all__ = [
     "IMAGE_KEYS",
     "observation_images",
     "resize_with_pad",
+    "resize_with_pad_into",
     "to_unit_range",
     "prepare_images",
     "validate_state",
