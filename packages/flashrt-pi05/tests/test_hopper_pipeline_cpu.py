@@ -353,6 +353,12 @@ def test_camera_size_images_are_resized_inside_the_call(model, monkeypatch):
     np.testing.assert_array_equal(pipe.infer(), host_resized)  # back on the plain graph
     assert replayed == ["full", camera_key, camera_key, "full"]
 
+    # beyond a 16x shrink the host resizes (torch's CUDA antialiasing refuses extreme factors)
+    huge = rng.integers(0, 256, (size, 16 * size + 1, 3), dtype=np.uint8)
+    pipe.stage_images([huge, cameras[1]])
+    assert pipe.camera is None
+    np.testing.assert_array_equal(pipe.images_host[0].numpy(), resize_with_pad(huge, size))
+
     # a fifth set of sizes warns: every set captures its own graphs
     for extra in range(1, 4):
         pipe.stage_images([rng.integers(0, 256, (size + extra, size, 3), dtype=np.uint8)] * 2)

@@ -45,6 +45,7 @@ from flash_rt.models.hopper_ops import (
     reorder_rows,
     rope_row_order,
 )
+from flash_rt.models.pi_preprocess import resize_with_pad
 
 VISION = "paligemma_with_expert.paligemma.model.vision_tower.vision_model."
 PROJECTOR = "paligemma_with_expert.paligemma.model.multi_modal_projector.linear."
@@ -55,6 +56,7 @@ ROPE_MAX_WAVELENGTH = 10_000.0
 JOINT_SITE = "joint"
 TIME_MIN_PERIOD, TIME_MAX_PERIOD = 4e-3, 4.0
 _CAMERA_LAYOUTS_WARN = 4  # distinct sets of camera sizes before stage_images warns (each captures)
+_GPU_RESIZE_MAX_SHRINK = 16
 
 
 def euler_times(num_steps: int) -> list[float]:
@@ -601,6 +603,10 @@ class PaliGemmaHopperPipeline:
         At the model's size they go to images_host; otherwise the graph resizes them on the device
         (camera_input.py), with the graphs of their layout, captured on its first call."""
         size = self.config.vision.image_size
+        # torch's antialiased CUDA resize needs shared memory that grows with the shrink factor and
+        # refuses extreme ones: those images (wider or taller than 16 x 224) are resized here
+        images = [resize_with_pad(image, size) if max(image.shape[:2]) > _GPU_RESIZE_MAX_SHRINK * size else image
+                  for image in images]
         shapes = tuple((int(image.shape[0]), int(image.shape[1])) for image in images)
         if all(shape == (size, size) for shape in shapes):
             host = self.images_host.numpy()
