@@ -604,7 +604,8 @@ class PaliGemmaHopperPipeline:
         (camera_input.py), with the graphs of their layout, captured on its first call."""
         size = self.config.vision.image_size
         # torch's antialiased CUDA resize needs shared memory that grows with the shrink factor and
-        # refuses extreme ones: those images (wider or taller than 16 x 224) are resized here
+        # refuses extreme ones (941 -> 10 fails, pytorch/vision#7671; 16 is a margin, not a measured
+        # limit): those images (wider or taller than 16 x 224) are resized here
         images = [resize_with_pad(image, size) if max(image.shape[:2]) > _GPU_RESIZE_MAX_SHRINK * size else image
                   for image in images]
         shapes = tuple((int(image.shape[0]), int(image.shape[1])) for image in images)
