@@ -33,7 +33,7 @@
 #                    any, then under each again: a same-run A/B, alternating (results in the logs
 #                    tarball, ab/; p50s in the summary)
 #   AB_CAMERA=HxW    (modes models / all / ab) after the A/B, the plain Pi0.5 FP8 bench once more, fed
-#                    HxW camera images (`--camera-size`: predict() then pays the host resize)
+#                    HxW camera images (`--camera-size`: the graph then copies and resizes them)
 #
 #   <mode> --with-compile   on a machine with two GPUs: after the one shared build, the `compile` mode
 #                           runs on GPU 1 while <mode> runs on GPU 0 (its results, inductor_cache.tgz

@@ -22,7 +22,6 @@ class CameraLayout:
     """Staging buffers for one set of per-view image sizes; ``copy_in`` is what the graph runs."""
 
     def __init__(self, shapes: tuple[tuple[int, int], ...], size: int, device, pin: bool):
-        self.shapes = shapes
         self.key = "+".join(f"{h}x{w}" for h, w in shapes)  # names its graphs: "full@480x640+224x224"
         self.host = [torch.empty((h, w, 3), dtype=torch.uint8, pin_memory=pin) for h, w in shapes]
         # a view already at the model's size is copied straight in, without a resize

@@ -749,8 +749,9 @@ class PaliGemmaHopperPipeline:
                 else:
                     raise
                 graph = self._capture_graph(fn)
-        bucket.graphs[self.graph_key(kind)] = graph
-        bucket.capture_s[self.graph_key(kind)] = time.perf_counter() - start
+        key = self.graph_key(kind)
+        bucket.graphs[key] = graph
+        bucket.capture_s[key] = time.perf_counter() - start
         self.captures += 1
         return graph
 
