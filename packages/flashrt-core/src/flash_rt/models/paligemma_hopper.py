@@ -644,7 +644,7 @@ class PaliGemmaHopperPipeline:
             self.calibrate_current()
         with self._on_stream():
             # may capture: outside the events
-            graphs = [self._graph(bucket, kind) for kind in self._call_kinds(prefix)] if self.use_graphs else []
+            graphs = self.call_graphs(bucket, prefix) if self.use_graphs else []
             stream = torch.cuda.current_stream() if self.is_cuda else None
             if stream is not None:
                 self._call_events[0].record(stream)
@@ -702,6 +702,10 @@ class PaliGemmaHopperPipeline:
         if not prefix:
             return ("denoise",)
         return ("vision", "prefix", "denoise") if self.graph_stages else ("full",)
+
+    def call_graphs(self, bucket: Bucket, prefix: bool = True) -> list:
+        """The graphs one call of ``bucket`` replays, in order (captured where missing)."""
+        return [self._graph(bucket, kind) for kind in self._call_kinds(prefix)]
 
     def graph_key(self, kind: str) -> str:
         """``kind``'s key in Bucket.graphs for the staged images: a graph that reads the images
