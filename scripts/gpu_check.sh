@@ -32,6 +32,10 @@
 #                    FP8 bench at AB_VIEWS (default 2) under each ';'-separated environment, then without
 #                    any, then under each again: a same-run A/B, alternating (results in the logs
 #                    tarball, ab/; p50s in the summary)
+#   AB_BASE=ab_base  (modes models / all / ab) one more A/B experiment: the code of another commit,
+#                    unpacked here by `bash scripts/ab_base.sh <commit>` into ./ab_base (carry it);
+#                    its kernels are built into ab_base/.target and its arms run with its sources first
+#                    on PYTHONPATH (for a change a switch cannot turn off: a kernel rewritten in place)
 #   AB_CAMERA=HxW    (modes models / all / ab) after the A/B, the plain Pi0.5 FP8 bench once more, fed
 #                    HxW camera images (`--camera-size`: the graph then copies and resizes them)
 #
@@ -166,10 +170,23 @@ fi
 run_ab() {
   ab_lines=""
   mkdir -p "$OUT/ab"
-  if [ -n "${AB_ENV:-}" ]; then
+  experiments=()
+  [ -n "${AB_ENV:-}" ] && IFS=';' read -r -a experiments <<< "$AB_ENV"
+  if [ -n "${AB_BASE:-}" ]; then  # the base commit's code: its kernels built once, for its arms
+    local target="$ROOT/$AB_BASE/.target" base_path
+    if timeout "$(limit 240 120)" $PY -m pip install --no-build-isolation --no-deps --target "$target" \
+         "./$AB_BASE/packages/flashrt-kernels" > "$OUT/build_ab_base.log" 2>&1; then
+      base_path="$target"
+      for src in "$ROOT/$AB_BASE"/packages/*/src; do base_path="$base_path:$src"; done
+      experiments+=("PYTHONPATH=$base_path")
+    else
+      ab_lines="$ab_lines
+  AB_BASE: the base build FAILED (build_ab_base.log)"
+    fi
+  fi
+  if [ ${#experiments[@]} -gt 0 ]; then
     # AB_ENV="A=0 B=1; C=0": experiments separated by ';', each arm one process. Order: every
     # experiment, the plain run, every experiment again (alternating, so drift hits both sides).
-    IFS=';' read -r -a experiments <<< "$AB_ENV"
     arms=("${experiments[@]}" "" "${experiments[@]}")
     i=0
     for env_set in "${arms[@]}"; do
@@ -180,8 +197,10 @@ run_ab() {
       ( [ -n "$env_set" ] && export $env_set
         timeout "$T_AB" $PY -m flash_rt.cli bench --config pi05 --views "${AB_VIEWS:-2}" --precision fp8 \
           --iters 200 --p99-iters 200 --no-eager --compile none --out "$OUT/ab/$i.json" > "$OUT/ab/$i.log" 2>&1 )
+      label=${env_set:-(plain)}
+      [[ "$env_set" == PYTHONPATH=* ]] && label="base ($AB_BASE)"
       ab_lines="$ab_lines
-  ${env_set:-(plain)}: $(grep -m1 -E "predict p50" "$OUT/ab/$i.log" | cut -c1-160)"
+  $label: $(grep -m1 -E "predict p50" "$OUT/ab/$i.log" | cut -c1-160)"
     done
   fi
   if [ -n "${AB_CAMERA:-}" ]; then  # the plain run again, fed camera-size images (host resize included)
