@@ -247,14 +247,19 @@ def case_skinny(m, k_dim, n, workspace=None, pdl=True, split=0, baselines=True):
     return time_graph(ours), maybe_time(base), wbytes, 2 * m * n * k_dim, f"torch.matmul (cuBLASLt tuned {lt_note})"
 
 
+def _fp8_operands(m, k_dim, n, sets):
+    """E4M3 x [m, k], ``sets`` weights [n, k] (rotated past L2 where there are several) and a unit scale."""
+    x8 = rnd(m, k_dim).to(torch.float8_e4m3fn)
+    ws = [rnd(n, k_dim, scale=0.5).to(torch.float8_e4m3fn) for _ in range(sets)]
+    return x8, ws, torch.ones(1, device=DEV)
+
+
 def case_skinny_fp8(m, k_dim, n, workspace=None, l2="cold"):
     """l2: "cold" rotates weights past L2 (DRAM every call), "hot" reuses one set (L2 hits: what an
     L2 prefetch of the weights could give at best)."""
     wbytes = n * k_dim
     k = 1 if l2 == "hot" else n_sets(wbytes)
-    x8 = rnd(m, k_dim).to(torch.float8_e4m3fn)
-    ws = [rnd(n, k_dim, scale=0.5).to(torch.float8_e4m3fn) for _ in range(k)]
-    s = torch.ones(1, device=DEV)
+    x8, ws, s = _fp8_operands(m, k_dim, n, k)
     out = torch.empty(m, n, dtype=BF16, device=DEV)
     ours = [lambda i=i: fk.skinny_gemm(x8.data_ptr(), ws[i].data_ptr(), out.data_ptr(), m, n, k_dim, dtype="fp8",
                                        x_scale=s.data_ptr(), w_scale=s.data_ptr(), stream=stream()) for i in range(k)]
@@ -271,9 +276,7 @@ def case_skinny_rope_fp8(m, k_dim, hq, hkv, d):
     n = (hq + 2 * hkv) * d
     wbytes = n * k_dim
     k = n_sets(wbytes)
-    x8 = rnd(m, k_dim).to(torch.float8_e4m3fn)
-    ws = [rnd(n, k_dim, scale=0.5).to(torch.float8_e4m3fn) for _ in range(k)]
-    s = torch.ones(1, device=DEV)
+    x8, ws, s = _fp8_operands(m, k_dim, n, k)
     pos = torch.arange(600, 600 + m, device=DEV, dtype=torch.int32)
     q_out = torch.empty(m, hq, d, dtype=BF16, device=DEV)
     kc, vc = torch.empty(m, hkv, d, dtype=BF16, device=DEV), torch.empty(m, hkv, d, dtype=BF16, device=DEV)

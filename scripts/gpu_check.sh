@@ -173,12 +173,13 @@ run_ab() {
   experiments=()
   [ -n "${AB_ENV:-}" ] && IFS=';' read -r -a experiments <<< "$AB_ENV"
   if [ -n "${AB_BASE:-}" ]; then  # the base commit's code: its kernels built once, for its arms
-    local target="$ROOT/$AB_BASE/.target" base_path
+    local target="$ROOT/$AB_BASE/.target" base_path base_env
     if timeout "$(limit 240 120)" $PY -m pip install --no-build-isolation --no-deps --target "$target" \
          "./$AB_BASE/packages/flashrt-kernels" > "$OUT/build_ab_base.log" 2>&1; then
       base_path="$target"
       for src in "$ROOT/$AB_BASE"/packages/*/src; do base_path="$base_path:$src"; done
-      experiments+=("PYTHONPATH=$base_path")
+      base_env="PYTHONPATH=$base_path"
+      experiments+=("$base_env")
     else
       ab_lines="$ab_lines
   AB_BASE: the base build FAILED (build_ab_base.log)"
@@ -198,12 +199,12 @@ run_ab() {
         timeout "$T_AB" $PY -m flash_rt.cli bench --config pi05 --views "${AB_VIEWS:-2}" --precision fp8 \
           --iters 200 --p99-iters 200 --no-eager --compile none --out "$OUT/ab/$i.json" > "$OUT/ab/$i.log" 2>&1 )
       label=${env_set:-(plain)}
-      [[ "$env_set" == PYTHONPATH=* ]] && label="base ($AB_BASE)"
+      [ "$env_set" = "${base_env:-}" ] && label="base ($AB_BASE)"
       ab_lines="$ab_lines
   $label: $(grep -m1 -E "predict p50" "$OUT/ab/$i.log" | cut -c1-160)"
     done
   fi
-  if [ -n "${AB_CAMERA:-}" ]; then  # the plain run again, fed camera-size images (host resize included)
+  if [ -n "${AB_CAMERA:-}" ]; then  # the plain run again, fed camera-size images (the graph resizes them)
     T_AB=$(limit 45 $(( ${BENCH_PI0_S:-150} / 2 )))
     timeout "$T_AB" $PY -m flash_rt.cli bench --config pi05 --views "${AB_VIEWS:-2}" --precision fp8 \
       --iters 200 --p99-iters 200 --no-eager --compile none --camera-size "$AB_CAMERA" \
