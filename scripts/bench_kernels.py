@@ -185,7 +185,8 @@ def case_rope(tokens, hq, hkv, d):
     pos = torch.arange(tokens, device=DEV, dtype=torch.int32)
     qo = torch.empty(tokens, hq, d, dtype=BF16, device=DEV)
     kc, vc = torch.empty(tokens, hkv, d, dtype=BF16, device=DEV), torch.empty(tokens, hkv, d, dtype=BF16, device=DEV)
-    ours = [lambda i=i: fk.rope_qkv(qkvs[i].data_ptr(), pos.data_ptr(), qo.data_ptr(), kc.data_ptr(), vc.data_ptr(),
+    # positions 0 (token t at position t, no load), as the pipeline calls it
+    ours = [lambda i=i: fk.rope_qkv(qkvs[i].data_ptr(), 0, qo.data_ptr(), kc.data_ptr(), vc.data_ptr(),
                                     tokens, hq, hkv, d, stream=stream()) for i in range(k)]
     inv = 1.0 / (10000.0 ** ((2.0 / d) * torch.arange(d // 2, device=DEV, dtype=torch.float32)))
 
@@ -269,10 +270,11 @@ def case_skinny_fp8(m, k_dim, n, workspace=None, l2="cold"):
     return time_graph(ours), maybe_time(lt), wbytes, 2 * m * n * k_dim, f"cuBLASLt fp8 (tuned), L2 {l2}"
 
 
-def case_skinny_rope_fp8(m, k_dim, hq, hkv, d):
+def case_skinny_rope_fp8(m, k_dim, hq, hkv, d, given_positions=False):
     """The expert's QKV projection with RoPE, the q split and the cache write in the skinny GEMM's
     epilogue, against the plain skinny GEMM at the same shape (the baseline column: what the
-    epilogue costs), weights rotated past L2."""
+    epilogue costs), weights rotated past L2. given_positions: read positions from memory instead
+    of rows at cache_offset + i (the pipeline's call)."""
     n = (hq + 2 * hkv) * d
     wbytes = n * k_dim
     k = n_sets(wbytes)
@@ -281,7 +283,8 @@ def case_skinny_rope_fp8(m, k_dim, hq, hkv, d):
     q_out = torch.empty(m, hq, d, dtype=BF16, device=DEV)
     kc, vc = torch.empty(m, hkv, d, dtype=BF16, device=DEV), torch.empty(m, hkv, d, dtype=BF16, device=DEV)
     out = torch.empty(m, n, dtype=BF16, device=DEV)
-    ours = [lambda i=i: fk.skinny_gemm_rope_qkv(x8.data_ptr(), ws[i].data_ptr(), pos.data_ptr(), q_out.data_ptr(),
+    pos_ptr = pos.data_ptr() if given_positions else 0
+    ours = [lambda i=i: fk.skinny_gemm_rope_qkv(x8.data_ptr(), ws[i].data_ptr(), pos_ptr, q_out.data_ptr(),
                                                 kc.data_ptr(), vc.data_ptr(), m, k_dim, hq, hkv, d, dtype="fp8",
                                                 x_scale=s.data_ptr(), w_scale=s.data_ptr(), stream=stream())
             for i in range(k)]
@@ -375,6 +378,8 @@ def main() -> int:
         ("skinny_gemm_fp8", "50x4096->1024", lambda: case_skinny_fp8(50, 4096, 1024, workspace)),
         ("skinny_gemm_fp8", "50x1024->2048", lambda: case_skinny_fp8(50, 1024, 2048, workspace)),
         ("skinny_fp8 rope epilogue", "50x1024->(8+2)x256", lambda: case_skinny_rope_fp8(50, 1024, 8, 1, 256)),
+        ("skinny_fp8 rope positions", "50x1024->(8+2)x256",
+         lambda: case_skinny_rope_fp8(50, 1024, 8, 1, 256, given_positions=True)),
         # the same with the weights already in L2 (what an L2 prefetch could give at best)
         ("skinny_fp8 L2-hot", "50x1024->4096", lambda: case_skinny_fp8(50, 1024, 4096, workspace, l2="hot")),
         ("skinny_fp8 L2-hot", "50x4096->1024", lambda: case_skinny_fp8(50, 4096, 1024, workspace, l2="hot")),

@@ -41,16 +41,22 @@ pytestmark = [
 
 @pytest.mark.parametrize("tokens,hq,hkv,d,offset", [(968, 8, 1, 256, 0), (50, 8, 1, 256, 968), (200, 16, 8, 128, 5),
                                                     (13, 4, 4, 16, 3), (9, 3, 1, 72, 0), (1, 8, 1, 256, 1017)])
-def test_rope_qkv_split_and_cache_write(tokens, hq, hkv, d, offset):
+@pytest.mark.parametrize("given_positions", [True, False])
+def test_rope_qkv_split_and_cache_write(tokens, hq, hkv, d, offset, given_positions):
+    """given_positions False: positions 0, token t at position offset + t (the pipeline's call)."""
     qkv = rnd(tokens, (hq + 2 * hkv) * d)
-    positions = torch.randint(0, 1100, (tokens,), device=DEV, dtype=torch.int32)
+    if given_positions:
+        positions = torch.randint(0, 1100, (tokens,), device=DEV, dtype=torch.int32)
+    else:
+        positions = torch.arange(offset, offset + tokens, device=DEV, dtype=torch.int32)
     rows = offset + tokens + 4
     q_out = poisoned(tokens, hq, d)
     k_cache, v_cache = rnd(rows, hkv, d), rnd(rows, hkv, d)
     k_before, v_before = k_cache.clone(), v_cache.clone()
     q_scale = d**-0.5
-    fk.rope_qkv(qkv.data_ptr(), positions.data_ptr(), q_out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                tokens, hq, hkv, d, cache_offset=offset, q_scale=q_scale, stream=stream())
+    fk.rope_qkv(qkv.data_ptr(), positions.data_ptr() if given_positions else 0, q_out.data_ptr(),
+                k_cache.data_ptr(), v_cache.data_ptr(), tokens, hq, hkv, d, cache_offset=offset, q_scale=q_scale,
+                stream=stream())
     q, k, v = qkv.view(tokens, hq + 2 * hkv, d).split([hq, hkv, hkv], dim=1)
     check(q_out, rope_ref(q, positions) * q_scale, atol=1e-2, rtol=1e-2, what="rope q")
     sl = slice(offset, offset + tokens)

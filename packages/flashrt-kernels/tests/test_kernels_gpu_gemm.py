@@ -330,7 +330,9 @@ def test_skinny_gemm_geglu(m, k, inter, dtype, out_fp8):
 @pytest.mark.parametrize("m,k,hq,hkv,d,offset", [(50, 1024, 8, 1, 256, 577), (1, 1024, 8, 1, 256, 600),
                                                  (13, 256, 4, 2, 64, 3), (9, 128, 2, 1, 72, 0)])
 @pytest.mark.parametrize("dtype", ["bf16", "fp8"])
-def test_skinny_gemm_rope_qkv(m, k, hq, hkv, d, offset, dtype):
+@pytest.mark.parametrize("given_positions", [True, False])
+def test_skinny_gemm_rope_qkv(m, k, hq, hkv, d, offset, dtype, given_positions):
+    """given_positions False: positions 0, row i at position offset + i (the pipeline's call)."""
     if dtype == "fp8" and (E4M3 is None or torch.cuda.get_device_capability() < (8, 9)):
         pytest.skip("E4M3 needs torch float8 and sm_89+")
     n = (hq + 2 * hkv) * d
@@ -344,12 +346,16 @@ def test_skinny_gemm_rope_qkv(m, k, hq, hkv, d, offset, dtype):
         qkv = gemm_ref(x.double() * xs, w.double()[torch.argsort(order)] * ws)
     else:
         qkv = gemm_ref(x, w_nat)
-    positions = torch.randint(0, 1100, (m,), device=DEV, dtype=torch.int32)
+    if given_positions:
+        positions = torch.randint(0, 1100, (m,), device=DEV, dtype=torch.int32)
+    else:
+        positions = torch.arange(offset, offset + m, device=DEV, dtype=torch.int32)
     rows = offset + m + 3
     q_out = poisoned(m, hq, d)
     k_cache, v_cache = rnd(rows, hkv, d), rnd(rows, hkv, d)
     k_before, v_before = k_cache.clone(), v_cache.clone()
-    fk.skinny_gemm_rope_qkv(x.data_ptr(), w.data_ptr(), positions.data_ptr(), q_out.data_ptr(), k_cache.data_ptr(),
+    fk.skinny_gemm_rope_qkv(x.data_ptr(), w.data_ptr(), positions.data_ptr() if given_positions else 0,
+                            q_out.data_ptr(), k_cache.data_ptr(),
                             v_cache.data_ptr(), m, k, hq, hkv, d, cache_offset=offset, dtype=dtype, stream=stream(),
                             **args)
     q, kk, v = qkv.view(m, hq + 2 * hkv, d).split([hq, hkv, hkv], dim=1)

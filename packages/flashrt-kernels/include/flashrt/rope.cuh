@@ -4,6 +4,7 @@
 //                                    q_out may be the q part of qkv itself (rotation in place)
 //   k_cache  [rows, Hkv, D]          row cache_offset + t <- rotated k
 //   v_cache  [rows, Hkv, D]          row cache_offset + t <- v
+//   positions [T] int32, or null: token t at position cache_offset + t (no load)
 // Split-half rotation as in Gemma / openpi: for i < D/2, with x1 = x[i], x2 = x[i + D/2],
 //   timescale_i = theta ** (2 i / D), angle = position / timescale_i (fp32),
 //   out[i] = x1 cos - x2 sin,  out[i + D/2] = x2 cos + x1 sin.
@@ -15,7 +16,7 @@ namespace flashrt {
 
 struct RopeQkvParams {
   const __nv_bfloat16* qkv = nullptr;
-  const int32_t* positions = nullptr;  // [T]
+  const int32_t* positions = nullptr;  // [T], or null: position cache_offset + t
   __nv_bfloat16* q_out = nullptr;
   __nv_bfloat16* k_cache = nullptr;
   __nv_bfloat16* v_cache = nullptr;
@@ -54,11 +55,13 @@ __device__ __forceinline__ void store_vec(__nv_bfloat16* p, const float (&v)[VEC
 // One block per token; each thread item is VEC pairs (i, i + D/2) of one head.
 template <int VEC>
 __global__ void rope_qkv_kernel(RopeQkvParams p) {
-  pdl_wait();
   const int t = blockIdx.x;
+  // positions are not written by earlier kernels: read before the wait
+  const float pos = float(p.positions ? __ldg(p.positions + t) : p.cache_offset + t);
+  const float log2_theta = log2f(p.theta);
+  pdl_wait();
   const int half = p.head_dim / 2, items_per_head = half / VEC;
   const int heads = p.heads_q + 2 * p.heads_kv;
-  const float pos = float(p.positions[t]);
   const __nv_bfloat16* src_row = p.qkv + int64_t(t) * heads * p.head_dim;
   const int64_t cache_row = (p.cache_offset + t) * int64_t(p.heads_kv) * p.head_dim;
 
@@ -75,10 +78,8 @@ __global__ void rope_qkv_kernel(RopeQkvParams p) {
       const float out_scale = h < p.heads_q ? p.q_scale : 1.0f;
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        const float exponent = (2.0f / float(p.head_dim)) * float(i0 + e);
-        const float angle = pos / powf(p.theta, exponent);
         float s, c;
-        sincosf(angle, &s, &c);
+        sincosf(rope_angle(pos, i0 + e, p.head_dim, log2_theta), &s, &c);
         const float a = x1[e], b = x2[e];
         x1[e] = (a * c - b * s) * out_scale;
         x2[e] = (b * c + a * s) * out_scale;

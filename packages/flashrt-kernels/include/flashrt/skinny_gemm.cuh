@@ -45,7 +45,7 @@ struct SkinnyGemmParams {
   void* out = nullptr;                      // GeGLU: [M, N / 2] bf16, or E4M3 with out_scale
   const float* out_scale = nullptr;         // GeGLU: device scalar, E4M3 out = value / scale
   // RoPE epilogue: N = (heads_q + 2 heads_kv) * head_dim
-  const int32_t* positions = nullptr;       // [M]
+  const int32_t* positions = nullptr;       // [M], or null: row m at position cache_offset + m
   __nv_bfloat16* q_out = nullptr;           // [M, heads_q, head_dim]
   __nv_bfloat16* k_cache = nullptr;         // [rows, heads_kv, head_dim]
   __nv_bfloat16* v_cache = nullptr;
@@ -237,14 +237,14 @@ __device__ __forceinline__ void store_rope_qkv(const SkinnyGemmParams& p, int m,
     return;
   }
   const int i = c / 2;
-  const float pos = float(__ldg(p.positions + m));
+  // positions null (the pipeline's case): no dependent load here, at the end of the kernel
+  const float pos = float(p.positions ? __ldg(p.positions + m) : p.cache_offset + m);
+  const float log2_theta = log2f(p.theta);
   float lo[2], hi[2];
 #pragma unroll
   for (int e = 0; e < 2; ++e) {
-    const float exponent = (2.0f / float(d)) * float(i + e);
-    const float angle = pos / powf(p.theta, exponent);
     float sn, cs;
-    sincosf(angle, &sn, &cs);
+    sincosf(rope_angle(pos, i + e, d, log2_theta), &sn, &cs);
     const float a = v[2 * e], b = v[2 * e + 1];
     lo[e] = a * cs - b * sn;
     hi[e] = b * cs + a * sn;
@@ -640,7 +640,7 @@ inline cudaError_t skinny_gemm_launch(const SkinnyGemmParams& p, int split, cuda
   } else if (p.epilogue == kSkinnyGeglu) {
     if (p.n % 4 != 0 || p.residual || !p.out) return cudaErrorInvalidValue;
   } else if (p.epilogue == kSkinnyRopeQkv) {
-    if (p.residual || !p.positions || !p.q_out || !p.k_cache || !p.v_cache || p.heads_q <= 0 || p.heads_kv <= 0 ||
+    if (p.residual || !p.q_out || !p.k_cache || !p.v_cache || p.heads_q <= 0 || p.heads_kv <= 0 ||
         p.head_dim <= 0 || p.head_dim % 4 != 0 || p.n != (p.heads_q + 2 * p.heads_kv) * p.head_dim)
       return cudaErrorInvalidValue;
   } else {

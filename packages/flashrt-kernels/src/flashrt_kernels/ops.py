@@ -305,6 +305,7 @@ def skinny_gemm_rope_qkv(x: int, w: int, positions: int, q_out: int, k_cache: in
     """The fused QKV projection x @ w^T (+ bias) with ``rope_qkv`` applied in its epilogue: q_out
     [m, Hq, D] rotated, k (rotated) / v into the caches [rows, Hkv, D] at rows cache_offset + i.
     w's q and k head rows are in ``rope_row_order`` (pairs (i, i + D/2) adjacent), v rows natural.
+    positions: int32 [m], or 0 for row i at position cache_offset + i (saves a load per output).
     One kernel instead of a GEMM and a RoPE pass. Other arguments as ``skinny_gemm``."""
     _need_size("num_heads_q", num_heads_q)
     _need_size("num_heads_kv", num_heads_kv)
@@ -313,7 +314,7 @@ def skinny_gemm_rope_qkv(x: int, w: int, positions: int, q_out: int, k_cache: in
     n = (num_heads_q + 2 * num_heads_kv) * head_dim
     dt = _skinny_checks(m, n, k, dtype, split)
     rc = _C.skinny_gemm_rope_qkv(_need_ptr("x", x), _need_ptr("w", w), _need_ptr("bias", bias, 2, True),
-                                 _need_ptr("positions", positions, 4), _need_ptr("q_out", q_out, 4),
+                                 _need_ptr("positions", positions, 4, True), _need_ptr("q_out", q_out, 4),
                                  _need_ptr("k_cache", k_cache, 4), _need_ptr("v_cache", v_cache, 8), m, k,
                                  num_heads_q, num_heads_kv, head_dim, int(cache_offset), float(theta), split,
                                  bool(dt), _need_ptr("x_scale", x_scale, 4, True),
@@ -378,8 +379,8 @@ def rope_qkv(qkv: int, positions: int, q_out: int, k_cache: int, v_cache: int, t
              num_heads_q: int, num_heads_kv: int, head_dim: int, *, cache_offset: int = 0,
              theta: float = 10000.0, q_scale: float = 1.0, q_row_stride: int = 0, stream: int = 0) -> None:
     """Split a fused QKV row [T, (Hq + 2 Hkv) * D], rotate q and k (split-half RoPE at int32
-    ``positions[T]``), write q_out [T, Hq, D] (times q_scale), and k / v into the caches
-    [rows, Hkv, D] at rows cache_offset .. cache_offset + T - 1.
+    ``positions[T]``; 0: token t at position cache_offset + t), write q_out [T, Hq, D] (times
+    q_scale), and k / v into the caches [rows, Hkv, D] at rows cache_offset .. cache_offset + T - 1.
 
     q_row_stride: elements between q_out rows (0 = Hq * D). With q_out = qkv and
     q_row_stride = (Hq + 2 Hkv) * D, q is rotated in place inside the fused buffer."""
@@ -393,7 +394,7 @@ def rope_qkv(qkv: int, positions: int, q_out: int, k_cache: int, v_cache: int, t
         raise ValueError(f"q_row_stride: expected 0 or >= num_heads_q * head_dim = {num_heads_q * head_dim}, "
                          f"got {q_row_stride}")
     align = 16 if head_dim % 16 == 0 else 4
-    rc = _C.rope_qkv(_need_ptr("qkv", qkv, align), _need_ptr("positions", positions, 4),
+    rc = _C.rope_qkv(_need_ptr("qkv", qkv, align), _need_ptr("positions", positions, 4, True),
                      _need_ptr("q_out", q_out, align), _need_ptr("k_cache", k_cache, align),
                      _need_ptr("v_cache", v_cache, align), tokens, num_heads_q, num_heads_kv, head_dim,
                      cache_offset, float(theta), float(q_scale), int(q_row_stride), _stream(stream))

@@ -167,16 +167,17 @@ class KernelOps(TorchOps):
             two_kernels()
         return out
 
-    def linear_rope_qkv(self, h, lin, *, num_heads, k_cache, v_cache, start, cos, sin, positions):
+    def linear_rope_qkv(self, h, lin, *, num_heads, k_cache, v_cache, start, cos, sin):
         """QKV GEMM + RoPE + KV-cache write in one kernel where the weight rows are ordered for it."""
         x = self._skinny_ready(h, lin) if lin.row_order == "rope" else None
         if x is None or k_cache.dtype != torch.bfloat16 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
             return super().linear_rope_qkv(h, lin, num_heads=num_heads, k_cache=k_cache, v_cache=v_cache, start=start,
-                                           cos=cos, sin=sin, positions=positions)
+                                           cos=cos, sin=sin)
         m, k = x.shape
         hkv, hd = k_cache.shape[1], k_cache.shape[2]
         q = torch.empty((m, num_heads, hd), dtype=torch.bfloat16, device=x.device)
-        self.fk.skinny_gemm_rope_qkv(x.data_ptr(), lin.weight.data_ptr(), positions.data_ptr(), q.data_ptr(),
+        # positions 0: token t sits at position start + t, as the cos / sin rows of the torch path say
+        self.fk.skinny_gemm_rope_qkv(x.data_ptr(), lin.weight.data_ptr(), 0, q.data_ptr(),
                                      k_cache.data_ptr(), v_cache.data_ptr(), m, k, num_heads, hkv, hd,
                                      cache_offset=start, **self._operands(lin))
         return q
@@ -248,14 +249,14 @@ class KernelOps(TorchOps):
         return out
 
     # attention -----------------------------------------------------------------------------------
-    def rope_qkv(self, qkv, *, num_heads, k_cache, v_cache, start, cos, sin, positions):
+    def rope_qkv(self, qkv, *, num_heads, k_cache, v_cache, start, cos, sin):
         if self.calibrating or qkv.dtype != torch.bfloat16 or not qkv.is_contiguous():
             return super().rope_qkv(qkv, num_heads=num_heads, k_cache=k_cache, v_cache=v_cache, start=start,
-                                    cos=cos, sin=sin, positions=positions)
+                                    cos=cos, sin=sin)
         t = qkv.shape[0]
         hkv, hd = k_cache.shape[1], k_cache.shape[2]
         q = torch.empty((t, num_heads, hd), dtype=torch.bfloat16, device=qkv.device)
-        self.fk.rope_qkv(qkv.data_ptr(), positions.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        self.fk.rope_qkv(qkv.data_ptr(), 0, q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                          t, num_heads, hkv, hd, cache_offset=start, stream=self._stream())
         return q
 
@@ -520,13 +521,11 @@ def self_check(device) -> dict[str, float]:
     from flash_rt.models.paligemma_hopper import rope_tables  # noqa: PLC0415
 
     cos_t, sin_t = rope_tables(1024, hd, device)
-    positions = torch.arange(1024, device=device, dtype=torch.int32)
     kc = [torch.zeros((1024, 1, hd), dtype=bf, device=device) for _ in range(2)]
     vc = [torch.zeros((1024, 1, hd), dtype=bf, device=device) for _ in range(2)]
     for start, t in ((0, 700), (700, 50)):
         qkv = rnd(t, (heads + 2) * hd)
-        args = dict(num_heads=heads, start=start, cos=cos_t[start : start + t], sin=sin_t[start : start + t],
-                    positions=positions[start : start + t])
+        args = dict(num_heads=heads, start=start, cos=cos_t[start : start + t], sin=sin_t[start : start + t])
         qk = kern.rope_qkv(qkv, k_cache=kc[0], v_cache=vc[0], **args)
         qr = ref.rope_qkv(qkv, k_cache=kc[1], v_cache=vc[1], **args)
         out[f"rope_q_t{t}"] = cos(qk.float(), qr.float())
@@ -544,8 +543,7 @@ def self_check(device) -> dict[str, float]:
     fused.row_order, fused.inverse_order = "rope", torch.argsort(order).to(device)
     x = rnd(50, width)
     start = 700
-    args = dict(num_heads=heads, start=start, cos=cos_t[start : start + 50], sin=sin_t[start : start + 50],
-                positions=positions[start : start + 50])
+    args = dict(num_heads=heads, start=start, cos=cos_t[start : start + 50], sin=sin_t[start : start + 50])
     qk = kern.linear_rope_qkv(x, fused, k_cache=kc[0], v_cache=vc[0], **args)
     qr = ref.linear_rope_qkv(x, fused, k_cache=kc[1], v_cache=vc[1], **args)
     out["linear_rope_q"] = cos(qk.float(), qr.float())

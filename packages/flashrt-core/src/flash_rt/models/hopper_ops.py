@@ -238,9 +238,10 @@ class TorchOps:
         return F.silu(x)
 
     # attention -----------------------------------------------------------------------------------
-    def rope_qkv(self, qkv, *, num_heads, k_cache, v_cache, start, cos, sin, positions):
+    def rope_qkv(self, qkv, *, num_heads, k_cache, v_cache, start, cos, sin):
         """Split a fused q|k|v (T, (H + 2 Hkv) D), rotate q and k (split-half RoPE), write k / v into
-        the caches (rows, Hkv, D) at rows [start, start + T); returns q (T, H, D)."""
+        the caches (rows, Hkv, D) at rows [start, start + T); returns q (T, H, D). Token t sits at
+        position start + t: cos / sin (T, D/2) are rows [start, start + T) of the RoPE tables."""
         t = qkv.shape[0]
         hkv, hd = k_cache.shape[1], k_cache.shape[2]
         # q and k heads rotate together: one pass over (T, H + Hkv, D) instead of two

@@ -325,7 +325,6 @@ class PaliGemmaHopperPipeline:
         self.prefix_x = torch.empty((self.max_prefix, llm.width), device=dev, dtype=res)
         self._allocate_suffix(res)
         self.vision_x = torch.empty((self.num_views * c.vision.num_patches, c.vision.width), device=dev, dtype=res)
-        self.positions = torch.arange(self.max_total, device=dev, dtype=torch.int32)
         if self.attention_backend is None:
             cache_shape = (llm.depth, self.max_total, llm.num_kv_heads, llm.head_dim)
             self.k_cache = torch.empty(cache_shape, device=dev, dtype=self.act_dtype)
@@ -417,8 +416,7 @@ class PaliGemmaHopperPipeline:
 
     def _rope_args(self, layer, start, n, num_heads) -> dict:
         return dict(num_heads=num_heads, k_cache=self.k_layers[layer], v_cache=self.v_layers[layer], start=start,
-                    cos=self.rope_cos[start : start + n], sin=self.rope_sin[start : start + n],
-                    positions=self.positions[start : start + n])
+                    cos=self.rope_cos[start : start + n], sin=self.rope_sin[start : start + n])
 
     def _attend(self, q, layer, kv_len, out_for=None, static_keys=0):
         """q (T, H, D) over the first kv_len cached keys of ``layer`` -> (T, H * D), in the format
