@@ -177,6 +177,22 @@ def case_quantize(n):
     return time_graph(ours), maybe_time(base), per, 0, "torch div+clamp+cast"
 
 
+def case_small_linear(m, k_dim, n, x_dtype):
+    """The fp32 action projections beside a flow policy's state (in: fp32 x, out: bf16 x added into
+    the fp32 state), against torch's fp32 matmul (+ bias)."""
+    dt = {"fp32": torch.float32, "bf16": BF16}[x_dtype]
+    per = n * k_dim * 4 + m * k_dim * dt.itemsize + m * n * 4
+    k = n_sets(per)
+    xs = [torch.randn(m, k_dim, device=DEV).to(dt) for _ in range(k)]
+    ws = [torch.randn(n, k_dim, device=DEV) * k_dim**-0.5 for _ in range(k)]
+    b = torch.randn(n, device=DEV)
+    outs = [torch.empty(m, n, device=DEV) for _ in range(k)]
+    ours = [lambda i=i: fk.small_linear(xs[i].data_ptr(), ws[i].data_ptr(), outs[i].data_ptr(), m, n, k_dim,
+                                        bias=b.data_ptr(), x_dtype=x_dtype, stream=stream()) for i in range(k)]
+    base = [lambda i=i: torch.addmm(b, xs[i].float(), ws[i].t()) for i in range(k)]
+    return time_graph(ours), maybe_time(base), per, 2 * m * n * k_dim, "torch.addmm fp32"
+
+
 def case_rope(tokens, hq, hkv, d):
     width = (hq + 2 * hkv) * d
     per = tokens * width * 4
@@ -369,6 +385,8 @@ def main() -> int:
         ("rope_qkv", "968x(8+2)x256", lambda: case_rope(968, 8, 1, 256)),
         ("rope_qkv", "577x(8+2)x256", lambda: case_rope(577, 8, 1, 256)),
         ("rope_qkv", "50x(8+2)x256", lambda: case_rope(50, 8, 1, 256)),
+        ("small_linear", "50x32->1024 fp32", lambda: case_small_linear(50, 32, 1024, "fp32")),
+        ("small_linear", "50x1024->32 bf16", lambda: case_small_linear(50, 1024, 32, "bf16")),
         ("skinny_gemm", "50x1024->4096", lambda: case_skinny(50, 1024, 4096, workspace)),
         ("skinny_gemm", "50x4096->1024", lambda: case_skinny(50, 4096, 1024, workspace)),
         ("skinny_gemm", "50x1024->2048", lambda: case_skinny(50, 1024, 2048, workspace)),

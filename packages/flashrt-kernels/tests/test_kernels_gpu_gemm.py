@@ -369,7 +369,10 @@ def test_skinny_gemm_rope_qkv(m, k, hq, hkv, d, offset, dtype, given_positions):
         "cache rows outside [offset, offset + m) must be untouched"
 
 
-@pytest.mark.parametrize("m,k,n", [(50, 32, 1024), (50, 1024, 32), (1, 32, 1024), (5, 7, 3)])
+# the action in / out projections; one row; K at the column path's limit (64) with a partial
+# column block; a warp-path K that is no multiple of 32; K past the 1024 held in registers
+@pytest.mark.parametrize("m,k,n", [(50, 32, 1024), (50, 1024, 32), (1, 32, 1024), (5, 7, 3), (7, 64, 130),
+                                   (50, 100, 17), (3, 1500, 5)])
 @pytest.mark.parametrize("x_dtype,out_dtype,accumulate", [("fp32", "fp32", False), ("bf16", "fp32", True),
                                                           ("fp32", "bf16", False), ("bf16", "bf16", True)])
 def test_small_linear(m, k, n, x_dtype, out_dtype, accumulate):

@@ -1,9 +1,18 @@
 // Small fp32 linear: out[M, N] (= or +=) x[M, K] . w[N, K] + bias[N], w / bias fp32, x and out
 // fp32 or bf16. For the few tiny GEMMs that stay fp32 next to the action state (a flow policy's
 // action in / out projections: 50 x 32 -> 1024 and 50 x 1024 -> 32). cuBLAS runs those as split-K
-// SGEMMs of 3-4 kernels (~15 us); here one warp computes one output, lanes striding K, in one
-// kernel. With accumulate the result is added to out in place (the Euler step x_t += dt * v with
-// dt folded into w), which saves the separate add.
+// SGEMMs of 3-4 kernels (~15 us); here they are one kernel each. With accumulate the result is
+// added to out in place (the Euler step x_t += dt * v with dt folded into w), which saves the
+// separate add.
+//
+// The weights never depend on an earlier kernel, so each thread holds its slice of w (and bias) in
+// registers before pdl_wait(): under PDL that load overlaps the previous kernel, and after the wait
+// only x (from L2) stands between the kernel and its result. Plain (coherent) loads: ptxas may sink
+// the non-coherent __ldg form below griddepcontrol.wait (see skinny_gemm.cuh). Two shapes of work:
+// - K <= 64 (the in-projection): a thread per output column, its w row in registers, a few x rows
+//   of the block in shared memory, read as broadcasts;
+// - larger K (the out-projection): a warp per output column, lanes striding K, up to 1024 values of
+//   its w row in registers (32 a lane), for a few rows each; K beyond that streams from global.
 #pragma once
 
 #include "flashrt/common.cuh"
@@ -19,39 +28,95 @@ struct SmallLinearParams {
   bool x_bf16 = false, out_bf16 = false, accumulate = false;
 };
 
-__global__ void small_linear_kernel(SmallLinearParams p) {
-  pdl_wait();
-  const int64_t idx = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-  const int lane = threadIdx.x & 31;
-  if (idx >= int64_t(p.m) * p.n) return;
-  const int row = int(idx / p.n), col = int(idx % p.n);
-  const float* w = p.w + int64_t(col) * p.k;
-  float acc = 0.0f;
-  if (p.x_bf16) {
-    const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(p.x) + int64_t(row) * p.k;
-    for (int i = lane; i < p.k; i += 32) acc += __bfloat162float(x[i]) * __ldg(w + i);
-  } else {
-    const float* x = static_cast<const float*>(p.x) + int64_t(row) * p.k;
-    for (int i = lane; i < p.k; i += 32) acc += x[i] * __ldg(w + i);
-  }
-  acc = warp_sum(acc);
-  if (lane != 0) return;
-  if (p.bias) acc += __ldg(p.bias + col);
+constexpr int kSmallRows = 4;          // x rows per block (column path) or per warp (warp path)
+constexpr int kSmallColThreads = 128;  // column path: output columns per block
+constexpr int kSmallColMaxK = 64;      // column path: the w row held in registers
+constexpr int kSmallWarpRegs = 32;     // warp path: w values per lane in registers (K <= 1024)
+
+__device__ __forceinline__ float small_x(const SmallLinearParams& p, int64_t idx) {
+  return p.x_bf16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(p.x)[idx])
+                  : static_cast<const float*>(p.x)[idx];
+}
+
+__device__ __forceinline__ void small_store(const SmallLinearParams& p, int64_t idx, float v) {
   if (p.out_bf16) {
     __nv_bfloat16* o = static_cast<__nv_bfloat16*>(p.out) + idx;
-    *o = __float2bfloat16_rn(p.accumulate ? __bfloat162float(*o) + acc : acc);
+    *o = __float2bfloat16_rn(p.accumulate ? __bfloat162float(*o) + v : v);
   } else {
     float* o = static_cast<float*>(p.out) + idx;
-    *o = p.accumulate ? *o + acc : acc;
+    *o = p.accumulate ? *o + v : v;
+  }
+}
+
+// grid (ceil(N / 128), ceil(M / kSmallRows)), 128 threads; K <= kSmallColMaxK.
+__global__ void __launch_bounds__(kSmallColThreads) small_linear_cols_kernel(SmallLinearParams p) {
+  __shared__ float xs[kSmallRows][kSmallColMaxK];
+  const int col = blockIdx.x * kSmallColThreads + threadIdx.x;
+  const int row0 = blockIdx.y * kSmallRows;
+  const bool own = col < p.n;
+  float w[kSmallColMaxK];
+  const float* wrow = p.w + int64_t(own ? col : 0) * p.k;
+#pragma unroll
+  for (int i = 0; i < kSmallColMaxK; ++i) w[i] = (own && i < p.k) ? wrow[i] : 0.0f;
+  const float bias = (own && p.bias) ? p.bias[col] : 0.0f;
+  pdl_wait();
+  for (int e = threadIdx.x; e < kSmallRows * kSmallColMaxK; e += kSmallColThreads) {
+    const int r = e / kSmallColMaxK, i = e % kSmallColMaxK;
+    xs[r][i] = (row0 + r < p.m && i < p.k) ? small_x(p, int64_t(row0 + r) * p.k + i) : 0.0f;
+  }
+  __syncthreads();
+  if (!own) return;
+#pragma unroll
+  for (int r = 0; r < kSmallRows; ++r) {
+    if (row0 + r >= p.m) break;
+    float acc = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kSmallColMaxK; ++i) acc += xs[r][i] * w[i];  // w[i] = 0 past K
+    small_store(p, int64_t(row0 + r) * p.n + col, acc + bias);
+  }
+}
+
+// A warp per (column, kSmallRows rows): 8 warps a block over consecutive columns.
+__global__ void __launch_bounds__(256) small_linear_warp_kernel(SmallLinearParams p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t unit = int64_t(blockIdx.x) * 8 + threadIdx.x / 32;
+  const int col = int(unit % p.n), row0 = int(unit / p.n) * kSmallRows;
+  if (row0 >= p.m) return;  // whole warps only: no warp_sum below is left half-populated
+  const float* wrow = p.w + int64_t(col) * p.k;
+  float w[kSmallWarpRegs];
+#pragma unroll
+  for (int j = 0; j < kSmallWarpRegs; ++j) {
+    const int i = lane + 32 * j;
+    w[j] = i < p.k ? wrow[i] : 0.0f;
+  }
+  const float bias = p.bias ? p.bias[col] : 0.0f;
+  pdl_wait();
+  const int held = min(p.k, 32 * kSmallWarpRegs);
+#pragma unroll 1
+  for (int r = row0; r < min(p.m, row0 + kSmallRows); ++r) {
+    const int64_t xrow = int64_t(r) * p.k;
+    float acc = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kSmallWarpRegs; ++j) {
+      const int i = lane + 32 * j;
+      if (i < held) acc += small_x(p, xrow + i) * w[j];
+    }
+    for (int i = held + lane; i < p.k; i += 32) acc += small_x(p, xrow + i) * __ldg(wrow + i);
+    acc = warp_sum(acc);
+    if (lane == 0) small_store(p, int64_t(r) * p.n + col, acc + bias);
   }
 }
 
 inline cudaError_t small_linear_launch(const SmallLinearParams& p, cudaStream_t stream) {
   if (p.m <= 0 || p.n <= 0) return cudaSuccess;
   if (p.k <= 0 || !p.x || !p.w || !p.out) return cudaErrorInvalidValue;
-  const int warps = 8;
-  const int64_t outputs = int64_t(p.m) * p.n;
-  return launch_kernel(small_linear_kernel, dim3(unsigned(ceil_div(outputs, warps))), dim3(32 * warps), 0, stream, p);
+  const int64_t row_groups = ceil_div(p.m, kSmallRows);
+  if (p.k <= kSmallColMaxK) {
+    const dim3 grid(unsigned(ceil_div(p.n, kSmallColThreads)), unsigned(row_groups));
+    return launch_kernel(small_linear_cols_kernel, grid, dim3(kSmallColThreads), 0, stream, p);
+  }
+  return launch_kernel(small_linear_warp_kernel, dim3(unsigned(ceil_div(row_groups * p.n, 8))), dim3(256), 0,
+                       stream, p);
 }
 
 }  // namespace flashrt

@@ -337,8 +337,9 @@ def _skinny_checks(m, n, k, dtype, split) -> int:
 def small_linear(x: int, w: int, out: int, m: int, n: int, k: int, *, bias: int = 0, x_dtype: str = "fp32",
                  out_dtype: str = "fp32", accumulate: bool = False, stream: int = 0) -> None:
     """out[m, n] (= or, with accumulate, +=) x[m, k] . w[n, k] + bias[n]: w and bias fp32, x and
-    out "fp32" or "bf16". One kernel (a warp per output) for the tiny fp32 GEMMs beside a flow
-    policy's action state, where cuBLAS runs split-K SGEMMs of several kernels."""
+    out "fp32" or "bf16". One kernel (a thread per output column for k <= 64, else a warp; the w
+    rows held in registers before the wait on the previous kernel) for the tiny fp32 GEMMs beside a
+    flow policy's action state, where cuBLAS runs split-K SGEMMs of several kernels."""
     dtypes = {"fp32": 0, "bf16": 1}
     x_bf16 = bool(_choice("x_dtype", x_dtype, dtypes))
     out_bf16 = bool(_choice("out_dtype", out_dtype, dtypes))
