@@ -40,7 +40,8 @@ pytestmark = [
 
 
 @pytest.mark.parametrize("tokens,hq,hkv,d,offset", [(968, 8, 1, 256, 0), (50, 8, 1, 256, 968), (200, 16, 8, 128, 5),
-                                                    (13, 4, 4, 16, 3), (9, 3, 1, 72, 0), (1, 8, 1, 256, 1017)])
+                                                    (13, 4, 4, 16, 3), (9, 3, 1, 72, 0), (1, 8, 1, 256, 1017),
+                                                    (7, 32, 8, 128, 2)])  # 384 items: threads loop
 @pytest.mark.parametrize("given_positions", [True, False])
 def test_rope_qkv_split_and_cache_write(tokens, hq, hkv, d, offset, given_positions):
     """given_positions False: positions 0, token t at position offset + t (the pipeline's call)."""

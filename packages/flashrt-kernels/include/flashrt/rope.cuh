@@ -10,6 +10,8 @@
 //   out[i] = x1 cos - x2 sin,  out[i + D/2] = x2 cos + x1 sin.
 #pragma once
 
+#include <algorithm>
+
 #include "flashrt/common.cuh"
 
 namespace flashrt {
@@ -52,15 +54,21 @@ __device__ __forceinline__ void store_vec(__nv_bfloat16* p, const float (&v)[VEC
   }
 }
 
-// One block per token; each thread item is VEC pairs (i, i + D/2) of one head.
+// One block per token; each thread item is VEC pairs (i, i + D/2) of one head. The angles depend
+// only on the position, so the block computes each pair's sin / cos once (not once per head) into
+// shared memory, and before the wait: the trigonometry overlaps the previous kernel.
 template <int VEC>
 __global__ void rope_qkv_kernel(RopeQkvParams p) {
+  extern __shared__ float trig[];  // [D/2] sin, then [D/2] cos
   const int t = blockIdx.x;
+  const int half = p.head_dim / 2, items_per_head = half / VEC;
   // positions are not written by earlier kernels: read before the wait
   const float pos = float(p.positions ? __ldg(p.positions + t) : p.cache_offset + t);
   const float log2_theta = log2f(p.theta);
+  for (int i = threadIdx.x; i < half; i += blockDim.x)
+    sincosf(rope_angle(pos, i, p.head_dim, log2_theta), &trig[i], &trig[half + i]);
+  __syncthreads();
   pdl_wait();
-  const int half = p.head_dim / 2, items_per_head = half / VEC;
   const int heads = p.heads_q + 2 * p.heads_kv;
   const __nv_bfloat16* src_row = p.qkv + int64_t(t) * heads * p.head_dim;
   const int64_t cache_row = (p.cache_offset + t) * int64_t(p.heads_kv) * p.head_dim;
@@ -78,8 +86,7 @@ __global__ void rope_qkv_kernel(RopeQkvParams p) {
       const float out_scale = h < p.heads_q ? p.q_scale : 1.0f;
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        float s, c;
-        sincosf(rope_angle(pos, i0 + e, p.head_dim, log2_theta), &s, &c);
+        const float s = trig[i0 + e], c = trig[half + i0 + e];
         const float a = x1[e], b = x2[e];
         x1[e] = (a * c - b * s) * out_scale;
         x2[e] = (b * c + a * s) * out_scale;
@@ -94,15 +101,19 @@ __global__ void rope_qkv_kernel(RopeQkvParams p) {
 }
 
 // head_dim even and >= 4; pointers 4-byte aligned (wider vectors are used when D/2 allows).
+// A thread per item up to 256 (Gemma's 8 + 2 heads of 256: 160 threads, one item each).
 inline cudaError_t rope_qkv_launch(const RopeQkvParams& p, cudaStream_t stream) {
   if (p.tokens <= 0) return cudaSuccess;
   if (p.head_dim < 4 || p.head_dim % 4 != 0 || p.heads_q <= 0 || p.heads_kv <= 0) return cudaErrorInvalidValue;
   const int half = p.head_dim / 2;
-  const int threads = 128;
+  const int vec = half % 8 == 0 ? 8 : half % 4 == 0 ? 4 : 2;
+  const int64_t items = int64_t(p.heads_q + 2 * p.heads_kv) * (half / vec);
+  const int threads = int(std::min<int64_t>(256, ceil_div(items, 32) * 32));
   const dim3 grid(unsigned(p.tokens)), block(threads);
-  if (half % 8 == 0) return launch_kernel(rope_qkv_kernel<8>, grid, block, 0, stream, p);
-  if (half % 4 == 0) return launch_kernel(rope_qkv_kernel<4>, grid, block, 0, stream, p);
-  return launch_kernel(rope_qkv_kernel<2>, grid, block, 0, stream, p);
+  const size_t smem = size_t(p.head_dim) * sizeof(float);
+  if (vec == 8) return launch_kernel(rope_qkv_kernel<8>, grid, block, smem, stream, p);
+  if (vec == 4) return launch_kernel(rope_qkv_kernel<4>, grid, block, smem, stream, p);
+  return launch_kernel(rope_qkv_kernel<2>, grid, block, smem, stream, p);
 }
 
 }  // namespace flashrt
