@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(256) small_linear_warp_kernel(SmallLinearParam
 inline cudaError_t small_linear_launch(const SmallLinearParams& p, cudaStream_t stream) {
   if (p.m <= 0 || p.n <= 0) return cudaSuccess;
   if (p.k <= 0 || !p.x || !p.w || !p.out) return cudaErrorInvalidValue;
-  if (p.k <= kSmallColMaxK) {
+  if (p.k <= kSmallColMaxK && ceil_div(p.m, kSmallRows) <= 65535) {  // grid.y's limit; past it, the warp path
     const dim3 grid(unsigned(ceil_div(p.n, kSmallColThreads)), unsigned(ceil_div(p.m, kSmallRows)));
     return launch_kernel(small_linear_cols_kernel, grid, dim3(kSmallColThreads), 0, stream, p);
   }
