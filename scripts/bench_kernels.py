@@ -178,8 +178,8 @@ def case_quantize(n):
 
 
 def case_small_linear(m, k_dim, n, x_dtype):
-    """The fp32 action projections beside a flow policy's state (in: fp32 x, out: bf16 x added into
-    the fp32 state), against torch's fp32 matmul (+ bias)."""
+    """The fp32 action projections beside a flow policy's state (in: fp32 x; out: bf16 x), written
+    (the pipeline's out-projection accumulates into the state), against torch's fp32 addmm."""
     dt = {"fp32": torch.float32, "bf16": BF16}[x_dtype]
     per = n * k_dim * 4 + m * k_dim * dt.itemsize + m * n * 4
     k = n_sets(per)
