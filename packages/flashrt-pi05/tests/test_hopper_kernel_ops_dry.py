@@ -158,3 +158,11 @@ def test_runtime_failure_falls_back_to_torch_ops(stub_kernels):
         p.load_inputs(images, noise)
         results.append(p.infer())
     assert (results[0] == results[1]).all()
+
+
+def test_self_check_fails_nan_and_low_cosines():
+    from flash_rt.models.hopper_kernel_ops import self_check_failures
+
+    cosines = {"linear_bf16_m50": 0.9995, "linear_fp8_m50": 0.995, "rope_q_t50": float("nan"),
+               "geglu_bf16": 0.998, "attention_fp8_out": 0.98}
+    assert set(self_check_failures(cosines)) == {"rope_q_t50", "geglu_bf16", "attention_fp8_out"}
