@@ -199,7 +199,7 @@ run_ab() {
         timeout "$T_AB" $PY -m flash_rt.cli bench --config pi05 --views "${AB_VIEWS:-2}" --precision fp8 \
           --iters 200 --p99-iters 200 --no-eager --compile none --out "$OUT/ab/$i.json" > "$OUT/ab/$i.log" 2>&1 )
       label=${env_set:-(plain)}
-      [ "$env_set" = "${base_env:-}" ] && label="base ($AB_BASE)"
+      [ -n "${base_env:-}" ] && [ "$env_set" = "$base_env" ] && label="base ($AB_BASE)"
       ab_lines="$ab_lines
   $label: $(grep -m1 -E "predict p50" "$OUT/ab/$i.log" | cut -c1-160)"
     done
