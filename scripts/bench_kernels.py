@@ -183,9 +183,9 @@ def case_small_linear(m, k_dim, n, x_dtype):
     dt = {"fp32": torch.float32, "bf16": BF16}[x_dtype]
     per = n * k_dim * 4 + m * k_dim * dt.itemsize + m * n * 4
     k = n_sets(per)
-    xs = [torch.randn(m, k_dim, device=DEV).to(dt) for _ in range(k)]
-    ws = [torch.randn(n, k_dim, device=DEV) * k_dim**-0.5 for _ in range(k)]
-    b = torch.randn(n, device=DEV)
+    xs = [rnd(m, k_dim, dtype=dt) for _ in range(k)]
+    ws = [rnd(n, k_dim, dtype=torch.float32, scale=k_dim**-0.5) for _ in range(k)]
+    b = rnd(n, dtype=torch.float32)
     outs = [torch.empty(m, n, device=DEV) for _ in range(k)]
     ours = [lambda i=i: fk.small_linear(xs[i].data_ptr(), ws[i].data_ptr(), outs[i].data_ptr(), m, n, k_dim,
                                         bias=b.data_ptr(), x_dtype=x_dtype, stream=stream()) for i in range(k)]
