@@ -6,6 +6,11 @@ For Pi0.5 / Pi0 at true size (random weights drawn on the GPU), per precision:
     every kernel of the graph with its duration, summed by kernel name, and the span of the replay
     against the sum of its kernels: span - busy = the time between kernels (launch gaps), which a
     fused or persistent kernel would recover; busy = the time fusion inside kernels must recover.
+    Under programmatic dependent launch a kernel starts while its predecessor runs, so busy counts
+    the overlap twice; each kernel's "path" time, end - the previous kernel's end (kernels in end
+    order), sums to the span instead (_path_us);
+  * the whole call's graph under the profiler too (the span of vision + prefix + denoise as one
+    graph, streams and all).
 
     python scripts/profile_pipeline.py --config pi05 --views 2 --precision fp8,bf16 --out $OUT/profile.json
 
@@ -75,16 +80,32 @@ def _profile_graph(graph, head=24):
     end = max(e.time_range.end for e in kernels)
     rows: dict[str, dict] = {}
     for e in kernels:
-        r = rows.setdefault(_short(e.name), {"count": 0, "us": 0.0})
+        r = rows.setdefault(_short(e.name), {"count": 0, "us": 0.0, "path_us": 0.0})
         r["count"] += 1
         r["us"] += e.time_range.elapsed_us()
+    path = dict(_path_us([(i, e.time_range.start, e.time_range.end) for i, e in enumerate(kernels)]))
+    for i, e in enumerate(kernels):
+        rows[_short(e.name)]["path_us"] += path[i]
     busy = sum(r["us"] for r in rows.values())
     # the first kernels in launch order: one layer's sequence, so kernels that share a name (the
     # GEMMs of one tile shape) are told apart by where they run
-    ordered = sorted(kernels, key=lambda e: e.time_range.start)[:head]
+    ordered = sorted(range(len(kernels)), key=lambda i: kernels[i].time_range.start)[:head]
     return {"span_us": end - start, "busy_us": busy, "kernels": len(kernels),
             "by_name": dict(sorted(rows.items(), key=lambda kv: -kv[1]["us"])),
-            "first": [[_short(e.name), round(e.time_range.elapsed_us(), 2)] for e in ordered]}
+            "first": [[_short(kernels[i].name), round(kernels[i].time_range.elapsed_us(), 2), round(path[i], 2)]
+                      for i in ordered]}
+
+
+def _path_us(kernels):
+    """(key, start, end) -> [(key, its share of the span)]: in end order, each kernel's end minus
+    the end before it (the first: minus the earliest start). The shares sum to the span; on one
+    stream's chain a share is what the call would lose if that kernel (with the launch gap before
+    it) took no time, its overlap with the previous kernel (PDL) not counted twice."""
+    out, prev = [], min(k[1] for k in kernels)
+    for key, _, end in sorted(kernels, key=lambda k: k[2]):
+        out.append((key, end - prev))
+        prev = end
+    return out
 
 
 def run_case(config, sd, views, precision, prompt_len, seed=0):
@@ -106,7 +127,7 @@ def run_case(config, sd, views, precision, prompt_len, seed=0):
            "prefix_tokens": pipe.prefix_len(bucket), "steps": pipe.num_steps, "stages_ms": {}}
     for kind in ("full", "vision", "prefix", "denoise"):
         out["stages_ms"][kind] = _median_replay_ms(pipe._graph(bucket, kind))
-    for kind in ("vision", "prefix", "denoise"):
+    for kind in ("vision", "prefix", "denoise", "full"):
         out[f"{kind}_profile"] = _profile_graph(pipe._graph(bucket, kind))
     gemm_choices = getattr(pipe.ops, "gemm_choices", {})
     out["gemm_choices"] = {"x".join(map(str, k)): v for k, v in gemm_choices.items()}
@@ -121,7 +142,7 @@ def print_case(c):
           f"{c['steps']} steps ==")
     print(f"graph replay ms: full {s['full']:.2f}  vision {s['vision']:.2f}  prefix {s['prefix']:.2f}  "
           f"denoise {s['denoise']:.2f}")
-    for kind, per, top in (("vision", 1, 8), ("prefix", 1, 8), ("denoise", c["steps"], 12)):
+    for kind, per, top in (("vision", 1, 8), ("prefix", 1, 8), ("denoise", c["steps"], 12), ("full", 1, 12)):
         p = c[f"{kind}_profile"]
         if p is None:
             print(f"profiler saw no kernels in the {kind} replay")
@@ -130,11 +151,13 @@ def print_case(c):
         print(f"{kind} replay under the profiler: span {p['span_us'] / 1e3:.2f} ms, kernels busy {p['busy_us'] / 1e3:.2f} "
               f"ms, gaps {gaps / 1e3:.2f} ms over {p['kernels']} kernels ({gaps / max(p['kernels'], 1):.2f} us each)")
         unit = "step" if per > 1 else "call"
-        print(f"  {'kernel':58s} {'per ' + unit:>8s} {'us/' + unit:>8s} {'us each':>8s} {'share':>6s}")
+        print(f"  {'kernel':58s} {'per ' + unit:>8s} {'us/' + unit:>8s} {'us each':>8s} {'share':>6s} "
+              f"{'path/' + unit:>9s}")
         for name, r in list(p["by_name"].items())[:top]:
             print(f"  {name:58s} {r['count'] / per:8.1f} {r['us'] / per:8.1f} {r['us'] / r['count']:8.2f} "
-                  f"{r['us'] / p['busy_us']:6.1%}")
-        print("  first kernels in launch order (us): " + ", ".join(f"{n} {us:.1f}" for n, us in p["first"]))
+                  f"{r['us'] / p['busy_us']:6.1%} {r['path_us'] / per:9.1f}")
+        print("  first kernels in launch order (us, path us): "
+              + ", ".join(f"{n} {us:.1f} ({path:.1f})" for n, us, path in p["first"]))
     for shape, v in c["gemm_choices"].items():
         print(f"{shape}: " + ", ".join(f"{name.removesuffix('_us')} {us:.1f} us" for name, us in v.items()))
 
