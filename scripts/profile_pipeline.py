@@ -9,8 +9,8 @@ For Pi0.5 / Pi0 at true size (random weights drawn on the GPU), per precision:
     Under programmatic dependent launch a kernel starts while its predecessor runs, so busy counts
     the overlap twice; each kernel's "path" time, end - the previous kernel's end (kernels in end
     order), sums to the span instead (_path_us);
-  * the whole call's graph under the profiler too (the span of vision + prefix + denoise as one
-    graph, streams and all).
+  * the whole call's graph under the profiler too (vision + prefix + denoise as one graph, with
+    PDL across the stage boundaries).
 
     python scripts/profile_pipeline.py --config pi05 --views 2 --precision fp8,bf16 --out $OUT/profile.json
 
